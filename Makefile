@@ -1,0 +1,42 @@
+# `make demo` and `make test` are all a fresh machine needs; both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint format clean
+
+install: $(STAMP)
+
+# Re-run only when the dependency list changes; torch and deepspeed are kept when present
+# (a GPU machine keeps its own CUDA torch build).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"
+	@$(PIP) install -q numpy setuptools wheel packaging ninja
+	@# DeepSpeed's sdist imports torch in setup.py, so it must see the installed torch.
+	@$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation deepspeed
+	@$(PIP) install -q --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m sft
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf outputs multirun .pytest_cache
