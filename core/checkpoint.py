@@ -1,0 +1,179 @@
+"""Checkpoints (for resume) and exports (for users and later stages), both written atomically.
+
+Layout under a run directory:
+
+    checkpoints/step-00000040/   DeepSpeed shards of every rank + trainer_state.json + rng_rank*.pt
+    checkpoints/latest           the tag of the newest complete checkpoint (one line)
+    export/                      Hugging Face model (or peft adapter) + tokenizer + export_info.json
+
+A checkpoint is written to `.tmp-step-N/` and renamed into place only when every rank has
+finished, then `latest` is replaced atomically; an export is written to `export.tmp/` and
+swapped in. A crash at any moment leaves the previous complete checkpoint or export in place.
+Several nodes must share the run directory's filesystem.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+
+from core import deepspeed as ds
+from core import dist
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+EXPORT_INFO = "export_info.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Save model, optimizer, scheduler (DeepSpeed), RNG of every rank and trainer state at `step`.
+
+    Collective. Returns the final checkpoint directory. Keeps the newest `keep` checkpoints.
+    """
+    root = run_dir / CHECKPOINTS
+    tag = f"step-{step:08d}"
+    tmp = root / f".tmp-{tag}"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    ds.save_checkpoint(engine, str(root), tmp.name)
+    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()  # every rank's shards are on disk
+    final = root / tag
+    if dist.is_main():
+        atomic_write_text(
+            tmp / TRAINER_STATE, json.dumps({**trainer_state, "step": step, "world_size": dist.world_size()})
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(root / LATEST, tag + "\n")
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None. Ignores half-written `.tmp-*` dirs."""
+    root = run_dir / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / TRAINER_STATE).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
+    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    ds.load_checkpoint(engine, str(checkpoint.parent), checkpoint.name)
+    rng_file = checkpoint / f"rng_rank{dist.rank()}.pt"
+    if state.get("world_size") == dist.world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        log.warning(
+            "resume: world size changed (%s -> %d); RNG streams restart",
+            state.get("world_size"),
+            dist.world_size(),
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_model(engine, tokenizer, out_dir: Path, *, merge_lora: bool, info: dict[str, Any]) -> None:
+    """Write the trained model in Hugging Face format to `out_dir` (collective; rank 0 writes).
+
+    Full fine-tuning: `from_pretrained`-ready weights (safetensors) + tokenizer.
+    LoRA: the peft adapter (`PeftModel.from_pretrained`), the base weights in `base/` when the base
+    came from a config rather than a loadable path, and with merge_lora the merged model in `merged/`.
+    """
+    state = ds.full_state_dict(engine)  # ZeRO-3: gathered into rank 0 here
+    if dist.is_main():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = _cpu_copy(engine.module, state)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if isinstance(model, PeftModel):
+            if not model.peft_config["default"].base_model_name_or_path:
+                # the adapter needs its base, and a base built from a config exists nowhere else
+                _save_plain(copy.deepcopy(model).unload(), tokenizer, tmp / "base")
+            if merge_lora:
+                _save_plain(copy.deepcopy(model).merge_and_unload(), tokenizer, tmp / "merged")
+        atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2))
+        _swap_in(tmp, out_dir)
+        log.info("exported to %s", out_dir)
+    dist.barrier()
+
+
+def _cpu_copy(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain CPU model of the same class and config holding `state` (built outside ZeRO-3 init)."""
+    dtype = next(iter(state.values())).dtype
+    with ds.zero3_init_disabled():
+        if isinstance(module, PeftModel):
+            base = module.get_base_model()
+            cpu = get_peft_model(
+                type(base)(copy.deepcopy(base.config)), copy.deepcopy(module.peft_config["default"])
+            )
+        else:
+            cpu = type(module)(copy.deepcopy(module.config))
+    cpu.to(dtype)
+    cpu.load_state_dict(state)
+    return cpu
+
+
+def _save_plain(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

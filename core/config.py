@@ -1,0 +1,127 @@
+"""Typed schemas for the config groups every stage shares.
+
+Types live here; values live in the YAML files under `conf/` (one default in one place).
+Fields without a value are `MISSING`, so a group file that forgets one fails loudly, and an
+override with a typo or a wrong type fails in Hydra before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local directory; null builds a fresh model from `arch`.
+    name_or_path: str | None = MISSING
+    # Tokenizer location; null means "same as name_or_path"; "builtin" is the project's own.
+    tokenizer: str | None = MISSING
+    # Config kwargs (incl. `model_type`) used only when name_or_path is null.
+    arch: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str | None = MISSING
+    gradient_checkpointing: bool = MISSING
+    trust_remote_code: bool = MISSING
+    revision: str | None = MISSING
+
+
+@dataclass
+class TemplateConfig:
+    # auto: use the tokenizer's chat template when it has one; never: always the strings below.
+    chat_template: str = MISSING
+    system: str = MISSING
+    user: str = MISSING
+    assistant: str = MISSING
+
+
+@dataclass
+class BuiltinTaskConfig:
+    num_prompts: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class DataConfig:
+    # A file, a list of files, a `datasets` hub name, or "builtin".
+    path: Any = MISSING
+    format: str | None = MISSING
+    eval_path: Any = None
+    eval_fraction: float = MISSING
+    split: str = MISSING
+    max_len: int = MISSING
+    on_error: str = MISSING
+    # responses: loss on assistant turns only; all: on every token.
+    loss_on: str = MISSING
+    packing: bool = MISSING
+    shuffle_seed: int = MISSING
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = MISSING
+    offload_optimizer: bool = MISSING
+    offload_param: bool = MISSING
+    # Raw DeepSpeed config keys merged last, for anything this schema does not name.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PeftConfig:
+    # none | lora
+    type: str = MISSING
+    r: int = 0
+    alpha: int = 0
+    dropout: float = 0.0
+    target_modules: Any = None
+    # Also export the base model with the adapters merged in.
+    merge_on_export: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    grad_clip: float = MISSING
+    warmup_steps: int = MISSING
+    # cosine decay floor as a fraction of lr
+    min_lr_ratio: float = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    # wandb | tensorboard | none (metrics.jsonl is always written)
+    backend: str = MISSING
+    project: str = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
+    name: str | None = MISSING
+    # auto: online with credentials and network, else offline with a notice
+    mode: str = MISSING
+    job_type: str | None = MISSING
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = MISSING
+    micro_batch_size_per_device: int = MISSING
+    grad_accum_steps: int = MISSING
+    # Optional check: micro * accum * world size must equal this when set.
+    global_batch_size: int | None = MISSING
+    seed: int = MISSING
+    precision: str = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    eval_batches: int = MISSING
+    num_samples: int = MISSING
+    sample_max_new_tokens: int = MISSING
+    save_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    # Continue from the newest complete checkpoint in <run dir>/checkpoints.
+    resume: bool = MISSING

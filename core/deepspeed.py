@@ -1,0 +1,251 @@
+"""Everything that touches DeepSpeed: its config from the Hydra groups, engines, ZeRO-3 helpers.
+
+No other module imports deepspeed. The stage code sees engines (forward / backward / step),
+a `model_init` context that makes ZeRO-3 partition a model as it is created, and helpers to
+gather partitioned weights for saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from transformers import get_scheduler
+from transformers.integrations import deepspeed as hf_deepspeed
+
+from core import dist
+from core.models import resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A user-fixable inconsistency in the training / DeepSpeed settings."""
+
+
+def build_config(
+    *,
+    stage: int,
+    offload_optimizer: bool,
+    offload_param: bool,
+    extra: dict[str, Any],
+    micro_batch_size_per_device: int,
+    grad_accum_steps: int,
+    global_batch_size: int | None,
+    precision: str,
+    grad_clip: float,
+    lr: float,
+    betas: list[float],
+    eps: float,
+    weight_decay: float,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one training engine.
+
+    The global batch is derived (micro x accumulation x world size) and, when
+    `global_batch_size` is given, checked against it.
+    """
+    _init_comm()
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {stage}")
+    if offload_param and stage != 3:
+        raise ConfigError("deepspeed.offload_param needs ZeRO stage 3")
+    if offload_optimizer and stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3")
+    if micro_batch_size_per_device < 1 or grad_accum_steps < 1:
+        raise ConfigError("train.micro_batch_size_per_device and train.grad_accum_steps must be >= 1")
+    world = dist.world_size()
+    derived = micro_batch_size_per_device * grad_accum_steps * world
+    if global_batch_size is not None and global_batch_size != derived:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch_size} but micro_batch_size_per_device "
+            f"({micro_batch_size_per_device}) x grad_accum_steps ({grad_accum_steps}) x world size ({world}) "
+            f"= {derived}; fix one of them or set train.global_batch_size=null"
+        )
+    precision = resolve_precision(precision)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    zero: dict[str, Any] = {"stage": stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if stage == 3:
+        # export gathers the 16-bit (or fp32) weights of every rank into rank 0
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size_per_device,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": derived,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr,
+                "betas": list(betas),
+                "eps": eps,
+                "weight_decay": weight_decay,
+                # On the CPU accelerator FusedAdam is a C++ op to compile; torch's AdamW is the
+                # same update. Offloaded runs use DeepSpeedCPUAdam whatever this says.
+                "torch_adam": on_cpu and not offload_optimizer,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, dict(extra))
+
+
+def _init_comm() -> None:
+    """Hand DeepSpeed's comm layer the process group core.dist already formed.
+
+    Its config code asks deepspeed.comm (not torch.distributed) for the world size, and would
+    otherwise see 1 and reject the derived batch size.
+    """
+    dist.init_process_group()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(dict(base[key]), value)
+        else:
+            base[key] = value
+    return base
+
+
+class model_init(contextlib.AbstractContextManager):
+    """Create models inside this context so ZeRO-3 partitions them at construction.
+
+    Registers the config with transformers (`HfDeepSpeedConfig`), which then wraps
+    `from_pretrained` / `from_config` in `deepspeed.zero.Init`: no rank ever holds the whole
+    model. The registration must outlive the models (transformers keeps a weak reference and
+    consults it in `generate` and embedding resizing), so keep the returned object.
+    """
+
+    def __init__(self, ds_config: dict[str, Any]):
+        self.hf_config = (
+            hf_deepspeed.HfDeepSpeedConfig(ds_config)
+            if ds_config["zero_optimization"]["stage"] == 3
+            else None
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Build plain (unpartitioned) models, e.g. the CPU copy used for export on rank 0."""
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (1-d tensors), as in GPT-2 / nanoGPT."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat; ds_shape is the real one
+        (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def train_engine(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+):
+    """A DeepSpeed engine with AdamW and warmup + cosine decay (to min_lr_ratio x lr)."""
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return get_scheduler(
+            "cosine_with_min_lr",
+            optimizer,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs={"min_lr_rate": min_lr_ratio},
+        )
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, weight_decay),
+        config=ds_config,
+        lr_scheduler=scheduler,
+    )
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Every parameter of the engine's module, whole, on rank 0 (CPU); {} on other ranks.
+
+    Under ZeRO-3 the partitions are gathered layer by layer into rank 0, so no rank needs the
+    whole model on its accelerator. Collective: every rank must call it.
+    """
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # gathers; rank 0 only gets tensors
+        state = state if dist.is_main() else {}
+    else:
+        state = engine.module.state_dict() if dist.is_main() else {}
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def partition_numel(module: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements of the whole model) for the module's parameters."""
+    local = total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3 partitioned
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total
+
+
+@contextlib.contextmanager
+def gathered_params(module: torch.nn.Module) -> Iterator[None]:
+    """Temporarily materialise every ZeRO-3 partitioned parameter of `module` (read-only)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def save_checkpoint(engine, save_dir: str, tag: str) -> None:
+    """DeepSpeed's own sharded checkpoint (module, optimizer, scheduler) of every rank under save_dir/tag."""
+    engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+
+
+def load_checkpoint(engine, load_dir: str, tag: str) -> None:
+    path, _ = engine.load_checkpoint(
+        load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+
+
+def consolidated_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights rebuilt from a ZeRO checkpoint's shards (DeepSpeed's zero_to_fp32), for checks."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)

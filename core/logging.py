@@ -1,0 +1,187 @@
+"""One metrics logger for every stage: metrics.jsonl always, plus wandb or tensorboard.
+
+Only rank 0 writes. wandb gets the resolved config (secrets redacted) and runs online when
+there are credentials and a network, else offline with a one-line notice (sync later with
+`wandb sync <run dir>/wandb/offline-run-*`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from core import dist
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+_SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a (nested) config with values of secret-looking keys replaced."""
+    if isinstance(value, dict):
+        return {
+            k: "***"
+            if any(w in str(k).lower() for w in _SECRET_WORDS) and isinstance(v, str)
+            else redact_secrets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
+def wandb_mode(requested: str) -> tuple[str, str | None]:
+    """(mode, notice): auto picks online only with credentials and a reachable server."""
+    if requested not in ("auto", "online", "offline", "disabled"):
+        raise ValueError(f"logger.mode must be auto|online|offline|disabled, got {requested!r}")
+    env = os.environ.get("WANDB_MODE")
+    if requested != "auto":
+        return requested, None
+    if env:
+        return env, None
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    if not os.environ.get("WANDB_API_KEY") and not _netrc_has(host):
+        return "offline", "wandb: no credentials (WANDB_API_KEY or `wandb login`); logging offline"
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+    except OSError:
+        return "offline", f"wandb: {host} unreachable; logging offline"
+    return "online", None
+
+
+def _netrc_has(host: str) -> bool:
+    try:
+        return netrc.netrc().authenticators(host.split(":")[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class MetricsLogger:
+    """Writes metrics rows to <run dir>/metrics.jsonl and the chosen backend, on rank 0 only."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        backend: str,
+        config: dict[str, Any],
+        project: str,
+        entity: str | None,
+        group: str | None,
+        name: str | None,
+        mode: str,
+        job_type: str | None,
+        tags: list[str],
+        total_steps: int,
+    ):
+        if backend not in ("wandb", "tensorboard", "none"):
+            raise ValueError(f"logger.backend must be wandb|tensorboard|none, got {backend!r}")
+        self.enabled = dist.is_main()
+        self.run_dir = run_dir
+        self.wandb = self.tb = None
+        self.progress = None
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
+        config = redact_secrets(config)
+        log.info("config:\n%s", json.dumps(config, indent=2, default=str))
+        if backend == "wandb":
+            import wandb
+
+            resolved_mode, notice = wandb_mode(mode)
+            if notice:
+                log.warning(notice)
+            self.wandb = wandb.init(
+                project=project,
+                entity=entity,
+                group=group,
+                name=name or run_dir.name,
+                job_type=job_type,
+                tags=list(tags),
+                config=config,
+                dir=str(run_dir),
+                mode=resolved_mode,
+                reinit="finish_previous",
+            )
+        elif backend == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.progress = tqdm(
+            total=total_steps,
+            desc=job_type or "train",
+            dynamic_ncols=True,
+            mininterval=1 if sys.stderr.isatty() else 30,
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+        if self.progress is not None and "train/loss" in metrics:
+            self.progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+
+    def advance(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(step - self.progress.n)  # honours mininterval (quiet in non-TTY logs)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Sample generations: appended to samples.jsonl, and a wandb table."""
+        if not self.enabled or not rows:
+            return
+        with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        for row in rows[:3]:
+            log.info("sample @%d: %r -> %r", step, row.get("prompt", "")[-80:], row.get("response", "")[:160])
+        if self.wandb is not None:
+            import wandb
+
+            columns = list(rows[0])
+            self.wandb.log(
+                {"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                step=step,
+            )
+        if self.tb is not None:
+            self.tb.add_text(
+                "samples", "\n\n".join(f"{r.get('prompt', '')} → {r.get('response', '')}" for r in rows), step
+            )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.close()
+        self._metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

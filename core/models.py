@@ -1,0 +1,164 @@
+"""Load tokenizers and models (hub id, local dir, or the built-in tiny config), and add LoRA.
+
+Remote code is never run unless `model.trust_remote_code=true`; weights are read and written
+as safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+PAD_TOKEN = "<|pad|>"
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A user-fixable problem with a model or tokenizer setting."""
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if precision not in ("auto", *_DTYPES):
+        raise ModelError(f"train.precision must be auto|fp32|bf16|fp16, got {precision!r}")
+    if precision != "auto":
+        if precision != "fp32" and not torch.cuda.is_available():
+            raise ModelError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
+        return precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return _DTYPES[resolve_precision(precision)]
+
+
+def load_tokenizer(
+    tokenizer: str | None, name_or_path: str | None, trust_remote_code: bool, revision: str | None = None
+):
+    """The tokenizer at `tokenizer` (or at the model's path), with a pad token that is not EOS.
+
+    Padding with EOS is a known trap (the model stops learning to stop when EOS is masked as
+    padding). Order of preference: the tokenizer's own pad token; its UNK when distinct from
+    EOS/BOS; else a new `<|pad|>` token (the model's embeddings are resized to match).
+    """
+    source = tokenizer or name_or_path
+    if source is None:
+        raise ModelError(
+            "model.tokenizer is null and model.name_or_path is null: nothing to load a tokenizer from"
+        )
+    if source == BUILTIN:
+        from data.builtin.tokenizer import build_tokenizer
+
+        tok = build_tokenizer()
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=trust_remote_code, revision=revision
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {e}") from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer {source!r} has no EOS token; responses must end with one")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        specials = {tok.eos_token_id, tok.bos_token_id}
+        if tok.unk_token_id is not None and tok.unk_token_id not in specials:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        log.info("tokenizer: pad token set to %r (id %d), distinct from EOS", tok.pad_token, tok.pad_token_id)
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str | None,
+    arch: dict[str, Any],
+    tokenizer,
+    precision: str,
+    *,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    auto_class=AutoModelForCausalLM,
+) -> PreTrainedModel:
+    """A model from the hub / a local dir, or a fresh one from `arch` (e.g. the built-in tiny Llama).
+
+    Call inside `core.deepspeed.model_init(...)` so ZeRO-3 partitions it as it is created.
+    Embeddings grow to the tokenizer's size when it gained a pad token.
+    """
+    dtype = torch_dtype(precision)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if name_or_path is None:
+        if "model_type" not in arch:
+            raise ModelError("model.arch needs a `model_type` (e.g. llama) when model.name_or_path is null")
+        arch = dict(arch)
+        config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        model = auto_class.from_config(config, **kwargs)
+    else:
+        try:
+            model = auto_class.from_pretrained(
+                name_or_path, revision=revision, use_safetensors=None, **kwargs
+            )
+        except OSError as e:
+            raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {e}") from None
+    if _ds_rows(model) < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _ds_rows(model: PreTrainedModel) -> int:
+    """Embedding rows, also when ZeRO-3 has partitioned the weight (its .shape is then empty)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def add_lora(
+    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: Any, task_type: str
+) -> PeftModel:
+    """Wrap `model` with LoRA adapters; only the adapters (and `modules_to_save`) train."""
+    if r <= 0:
+        raise ModelError(f"peft.r must be positive for LoRA, got {r}")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelError(f"peft.target_modules: {e}") from None
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if isinstance(model, PeftModel):
+        # frozen embeddings produce no grad; LoRA layers downstream still need one to flow
+        model.enable_input_require_grads()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) element counts, also for ZeRO-3 partitioned parameters."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

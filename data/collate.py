@@ -1,0 +1,122 @@
+"""Batches: padding, optional packing, and a deterministic order that makes resume exact.
+
+Masks are True = valid token, everywhere in this project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from data.templates import IGNORE_INDEX, Encoded
+
+
+@dataclass
+class Batch:
+    """A padded batch.
+
+    input_ids:      [B, T] token ids (pad_id after each sequence's end)
+    labels:         [B, T] target ids, IGNORE_INDEX where no loss (prompt, padding)
+    attention_mask: [B, T] bool, True = real token; None for packed rows, where
+                    `position_ids` restart at every example and transformers derives a
+                    block-diagonal causal mask from them
+    position_ids:   [B, T] or None
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids)
+        )
+
+    def num_targets(self) -> int:
+        """Tokens that carry loss after the causal shift (label t predicts from t-1)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Packed:
+    """Several encoded examples concatenated into one row; positions restart at each example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def pack(examples: Sequence[Encoded], max_len: int) -> list[Packed]:
+    """Greedy first-fit packing of whole examples into rows of at most max_len tokens.
+
+    The first label of each example is masked so no example learns from its neighbour's end.
+    """
+    rows: list[Packed] = []
+    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
+        labels = [IGNORE_INDEX] + ex.labels[1:]
+        row = next((r for r in rows if len(r.input_ids) + len(ex.input_ids) <= max_len), None)
+        if row is None:
+            rows.append(row := Packed([], [], []))
+        row.input_ids += ex.input_ids
+        row.labels += labels
+        row.position_ids += list(range(len(ex.input_ids)))
+    return rows
+
+
+def collate(examples: Sequence[Encoded | Packed], pad_id: int) -> Batch:
+    """Right-pad a list of encoded (or packed) examples into a Batch."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    packed = isinstance(examples[0], Packed)
+    mask = None if packed else torch.zeros((len(examples), width), dtype=torch.bool)
+    positions = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        if packed:
+            # padding forms its own segment (positions restart at 0): real tokens never attend to it
+            positions[i, :n] = torch.tensor(e.position_ids)
+            positions[i, n:] = torch.arange(width - n)
+        else:
+            mask[i, :n] = True
+    return Batch(ids, labels, mask, positions)
+
+
+class GlobalBatches:
+    """Which examples each rank sees at each step: a pure function of (seed, step).
+
+    Each epoch is a fresh seeded permutation; step s takes the s-th global batch of it
+    (the last incomplete batch of an epoch is dropped). Rank r's micro-batch m of step s is
+    a fixed slice of that global batch, so one process with micro batch 4 and two processes
+    with micro batch 2 train on the same global batch, and resuming at step s needs only s.
+    """
+
+    def __init__(self, num_examples: int, micro_batch: int, grad_accum: int, world_size: int, seed: int):
+        self.micro, self.accum, self.world = micro_batch, grad_accum, world_size
+        self.global_batch = micro_batch * grad_accum * world_size
+        if num_examples < self.global_batch:
+            raise ValueError(
+                f"{num_examples} training examples are fewer than one global batch ({self.global_batch}); "
+                "lower train.micro_batch_size_per_device or train.grad_accum_steps, or add data"
+            )
+        self.num_examples, self.seed = num_examples, seed
+        self.steps_per_epoch = num_examples // self.global_batch
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Example indices of rank `rank`'s `accum` micro-batches at `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = within * self.global_batch
+        batch = order[start : start + self.global_batch].tolist()
+        # layout of the global batch: [micro step][rank][example]
+        per_micro = self.micro * self.world
+        return [
+            batch[m * per_micro + rank * self.micro : m * per_micro + (rank + 1) * self.micro]
+            for m in range(self.accum)
+        ]

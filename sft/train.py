@@ -1,0 +1,278 @@
+"""Stage 1 recipe: supervised fine-tuning.   python -m sft [key=value ...]
+
+Loss: token-level cross-entropy on the assistant replies (and their EOS), averaged over every
+target token of the *global* batch, so the result does not depend on how the batch is split
+into micro-batches or ranks (the gradient-accumulation bug many trainers had).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from core import checkpoint, dist, models
+from core import deepspeed as ds
+from core.logging import METRICS_FILE, MetricsLogger
+from data import builtin
+from data.collate import GlobalBatches, collate, pack
+from data.formats import Conversation, load_conversations, split_train_eval
+from data.templates import Encoded, PromptFormatter
+
+log = logging.getLogger(__name__)
+
+
+class SFTRecipe:
+    """setup -> train -> cleanup; checkpoints and the export happen inside train."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.run_dir = Path(HydraConfig.get().runtime.output_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        transformers.set_seed(cfg.train.seed)
+        self.device = dist.device()
+        self.tokenizer = models.load_tokenizer(
+            cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision
+        )
+        self.formatter = PromptFormatter(self.tokenizer, **cfg.data.template)
+        self._setup_data()
+        self._setup_model()
+        self.logger = MetricsLogger(
+            self.run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            total_steps=cfg.train.max_steps,
+            **{k: v for k, v in cfg.logger.items() if k != "job_type"},
+            job_type=cfg.logger.job_type or "sft",
+        )
+        if cfg.train.resume:
+            self._resume()
+        local, total = ds.partition_numel(self.engine.module)
+        shares = dist.all_gather_object(local / max(total, 1))
+        trainable, n_params = models.count_parameters(self.engine.module)
+        log.info(
+            "model: %.2fM parameters, %.2fM trainable; this rank stores %.0f%%",
+            n_params / 1e6,
+            trainable / 1e6,
+            100 * shares[dist.rank()],
+        )
+        if self.step == 0:
+            self.logger.log(
+                {
+                    "data/train_examples": len(self.train_set),
+                    "data/eval_examples": len(self.eval_set),
+                    "data/truncated": self.num_truncated,
+                    "data/truncated_frac": self.num_truncated / max(self.num_encoded, 1),
+                    "model/params": n_params,
+                    "model/trainable_params": trainable,
+                    **{f"zero/param_share_rank{r}": s for r, s in enumerate(shares)},
+                },
+                step=0,
+            )
+
+    def _setup_data(self) -> None:
+        d = self.cfg.data
+        if d.path == "builtin":
+            train, evals = builtin.sft_conversations(d.builtin.num_prompts, d.builtin.seed, d.eval_fraction)
+        else:
+            train, _ = load_conversations(d.path, d.format, on_error=d.on_error, split=d.split)
+            if d.eval_path is not None:
+                evals, _ = load_conversations(d.eval_path, d.format, on_error=d.on_error, split=d.split)
+            else:
+                train, evals = split_train_eval(train, d.eval_fraction, d.shuffle_seed)
+        self.eval_conversations = evals
+        self.num_truncated = self.num_encoded = 0
+        train_set = self._encode(train)
+        self.eval_set = self._encode(evals)
+        self.train_set = pack(train_set, d.max_len) if d.packing else train_set
+        if self.num_truncated:
+            log.warning(
+                "data: %d of %d sequences cut to data.max_len=%d",
+                self.num_truncated,
+                self.num_encoded,
+                d.max_len,
+            )
+        t = self.cfg.train
+        self.batches = GlobalBatches(
+            len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed
+        )
+        log.info(
+            "data: %d train rows (%s), %d eval",
+            len(self.train_set),
+            "packed" if d.packing else "unpacked",
+            len(self.eval_set),
+        )
+
+    def _encode(self, conversations: list[Conversation]) -> list[Encoded]:
+        out = []
+        for conv in conversations:
+            enc = self.formatter.encode(conv, self.cfg.data.max_len, self.cfg.data.loss_on)
+            self.num_encoded += 1
+            self.num_truncated += enc.truncated
+            if any(label != -100 for label in enc.labels[1:]):  # a cut that removed every target is useless
+                out.append(enc)
+        return out
+
+    def _setup_model(self) -> None:
+        cfg, t, o, z = self.cfg, self.cfg.train, self.cfg.optim, self.cfg.deepspeed
+        self.ds_config = ds.build_config(
+            stage=z.stage, offload_optimizer=z.offload_optimizer, offload_param=z.offload_param,
+            extra=OmegaConf.to_container(z.extra), micro_batch_size_per_device=t.micro_batch_size_per_device,
+            grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size, precision=t.precision,
+            grad_clip=o.grad_clip, lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+        )  # fmt: skip
+        self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
+        model = models.load_causal_lm(
+            cfg.model.name_or_path, OmegaConf.to_container(cfg.model.arch), self.tokenizer, t.precision,
+            trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision,
+        )  # fmt: skip
+        if cfg.peft.type == "lora":
+            model = models.add_lora(
+                model, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules, "CAUSAL_LM"
+            )
+        elif cfg.peft.type != "none":
+            raise models.ModelError(f"peft.type must be none or lora, got {cfg.peft.type!r}")
+        if cfg.model.gradient_checkpointing:
+            models.enable_gradient_checkpointing(model)
+        self.engine = ds.train_engine(
+            model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+            total_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
+        )  # fmt: skip
+
+    def _resume(self) -> None:
+        found = checkpoint.latest_checkpoint(self.run_dir)
+        if found is None:
+            log.warning("resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
+            return
+        self.step = checkpoint.load_checkpoint(self.engine, found)["step"]
+        log.info("resume: continuing from %s (step %d)", found, self.step)
+        if dist.is_main():  # rows the killed run logged after its last checkpoint are replayed
+            path = self.run_dir / METRICS_FILE
+            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
+            checkpoint.atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        t = self.cfg.train
+        while self.step < t.max_steps:
+            start = time.perf_counter()
+            loss_sum, targets = self._train_step(self.step)
+            self.step += 1
+            metrics = {"time/step_s": time.perf_counter() - start}
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                total_loss, total_targets = dist.all_reduce_sum([loss_sum, targets], self.device)
+                metrics |= {
+                    "train/loss": total_loss / total_targets,
+                    "train/lr": self.engine.get_lr()[0],
+                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "train/epoch": self.step / self.batches.steps_per_epoch,
+                    "train/target_tokens": total_targets,
+                }
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                metrics |= self.evaluate()
+            if len(metrics) > 1:
+                self.logger.log(metrics, self.step)
+            self.logger.advance(self.step)
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+                self.save_checkpoint()
+        self.export()
+
+    def _train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step on this rank's share of global batch `step`. Returns (sum of token losses, targets)."""
+        t = self.cfg.train
+        batches = [collate([self.train_set[i] for i in idx], self.tokenizer.pad_token_id).to(self.device)
+                   for idx in self.batches.micro_batches(step, dist.rank())]  # fmt: skip
+        local_targets = sum(b.num_targets() for b in batches)
+        (global_targets,) = dist.all_reduce_sum([local_targets], self.device)  # sync point, once per step
+        # DeepSpeed divides by the accumulation steps and averages over ranks; dividing each
+        # micro-batch's summed loss by this makes the update the mean over all global targets.
+        norm = global_targets / (t.grad_accum_steps * dist.world_size())
+        loss_sum = 0.0
+        for b in batches:
+            out = self.engine(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                labels=b.labels, num_items_in_batch=norm, use_cache=False,
+            )  # fmt: skip
+            self.engine.backward(out.loss)
+            self.engine.step()
+            loss_sum += out.loss.item() * norm
+        return loss_sum, float(local_targets)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean eval loss and perplexity over the eval set, and greedy samples (logged)."""
+        t, world, rank = self.cfg.train, dist.world_size(), dist.rank()
+        self.engine.eval()
+        micro = t.micro_batch_size_per_device
+        n_batches = math.ceil(len(self.eval_set) / (micro * world))
+        if t.eval_batches:
+            n_batches = min(n_batches, t.eval_batches)
+        loss_sum = count = 0.0
+        for k in range(n_batches):  # same number of forwards on every rank (ZeRO-3 gathers collectively)
+            rows = self.eval_set[(k * world + rank) * micro : (k * world + rank + 1) * micro]
+            if not rows:
+                continue
+            b = collate(rows, self.tokenizer.pad_token_id).to(self.device)
+            out = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
+                              num_items_in_batch=1.0, use_cache=False)  # fmt: skip
+            loss_sum += out.loss.item()
+            count += b.num_targets()
+        loss_sum, count = dist.all_reduce_sum([loss_sum, count], self.device)
+        self._log_samples()
+        self.engine.train()
+        loss = loss_sum / max(count, 1.0)
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+    def _log_samples(self) -> None:
+        n = self.cfg.train.num_samples
+        if n <= 0:
+            return
+        convs = self.eval_conversations[:n]
+        prompts = [self.formatter.encode_prompt(c.messages[:-1]) for c in convs]
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor(
+            [[pad] * (width - len(p)) + p for p in prompts], device=self.device
+        )  # [N, P] left-padded
+        mask = torch.tensor(
+            [[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device
+        )
+        out = self.engine.module.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.train.sample_max_new_tokens,
+            do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+            synced_gpus=self.engine.zero_optimization_stage() == 3 and dist.world_size() > 1,
+        )  # fmt: skip
+        rows = [
+            {"prompt": c.messages[-2].content, "response": self.tokenizer.decode(o[width:], skip_special_tokens=True),
+             "reference": c.messages[-1].content}
+            for c, o in zip(convs, out.tolist())
+        ]  # fmt: skip
+        self.logger.log_samples(rows, self.step)
+
+    # ------------------------------------------------------------------ save
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save_checkpoint(
+            self.engine, self.run_dir, self.step, {"stage": "sft"}, self.cfg.train.keep_checkpoints
+        )
+
+    def export(self) -> None:
+        info = {"stage": "sft", "step": self.step, "peft": self.cfg.peft.type}
+        checkpoint.export_model(self.engine, self.tokenizer, self.run_dir / "export",
+                                merge_lora=self.cfg.peft.merge_on_export, info=info)  # fmt: skip
+
+    def cleanup(self) -> None:
+        self.logger.close()
