@@ -95,7 +95,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
+        self._metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         config = redact_secrets(config)
         log.info("config:\n%s", json.dumps(config, indent=2, default=str))
         if backend == "wandb":

@@ -103,8 +103,7 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
-        for i, row in enumerate(rows, start=1):
-            yield i, row
+        yield from enumerate(rows, start=1)
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -122,8 +121,7 @@ def _iter_datasets(name: str, split: str, **kwargs: Any) -> Iterator[tuple[int, 
         ds = datasets.load_dataset(name, split=split, **kwargs)
     except Exception as e:  # datasets raises many types; the user needs the name and the reason
         raise DataError(f"{name}: could not load with `datasets` ({type(e).__name__}: {e})") from None
-    for i, row in enumerate(ds, start=1):
-        yield i, row
+    yield from enumerate(ds, start=1)
 
 
 # ----------------------------------------------------------------------------- field helpers

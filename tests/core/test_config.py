@@ -1,0 +1,79 @@
+"""Hydra composition: the schema type-checks every group and override before anything loads."""
+
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+import sft.config  # noqa: F401  (registers sft_schema)
+from core import dist
+from tests.conftest import ROOT, run_stage
+
+CONF = str(ROOT / "conf")
+
+
+def sft_cfg(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("sft", overrides=list(overrides))
+
+
+def test_default_composes_with_every_group():
+    cfg = sft_cfg()
+    assert cfg.model.tokenizer == "builtin" and cfg.model.name_or_path is None
+    assert cfg.data.path == "builtin" and cfg.deepspeed.stage == 2 and cfg.peft.type == "none"
+    assert cfg.logger.backend == "wandb" and cfg.model.trust_remote_code is False
+    OmegaConf.to_container(cfg, resolve=True)  # no missing values anywhere
+
+
+@pytest.mark.parametrize("group", ["deepspeed=zero0", "deepspeed=zero1", "deepspeed=zero3", "deepspeed=zero3_offload",
+                                   "peft=lora", "logger=tensorboard", "logger=none", "data=alpaca", "model=stories260k",
+                                   "model=gpt2", "experiment=quick", "experiment=alpaca_stories"])  # fmt: skip
+def test_every_group_option_composes(group):
+    OmegaConf.to_container(sft_cfg(group), resolve=True)
+
+
+def test_overrides_are_typed():
+    assert sft_cfg("optim.lr=3e-4").optim.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigCompositionException, match="Could not override 'optim.lrr'"):
+        sft_cfg("optim.lrr=3e-4")
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        sft_cfg("train.max_steps=many")
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        sft_cfg("deepspeed.offload_param=maybe")
+
+
+def test_a_typo_on_the_command_line_fails_at_once_with_hydras_message():
+    start = time.monotonic()
+    proc = run_stage("sft", "optim.lrr=3e-4", "hydra.run.dir=/tmp/never", check=False)
+    assert proc.returncode != 0
+    assert "Key 'lrr' not in 'OptimConfig'" in proc.stderr + proc.stdout
+    assert "data:" not in proc.stdout + proc.stderr  # nothing was loaded
+    assert time.monotonic() - start < 60
+
+
+def test_launcher_local_rank_argument_is_stripped():
+    argv = ["sft", "--local_rank=1", "a=1", "--local-rank", "0", "b=2", "--local_rank", "3"]
+    assert dist.strip_launcher_args(argv) == ["sft", "a=1", "b=2"]
+
+
+def test_run_stamp_comes_from_the_environment_when_set(monkeypatch):
+    monkeypatch.setenv(dist.RUN_STAMP_ENV, "2026-01-02T03:04:05.000006")
+    assert dist.shared_run_stamp().strftime("%Y-%m-%d_%H-%M-%S-%f") == "2026-01-02_03-04-05-000006"
+
+
+def test_yaml_has_a_comment_above_every_train_key():
+    lines = (Path(CONF) / "sft.yaml").read_text().splitlines()
+    start = lines.index("train:")
+    for i, line in enumerate(lines[start + 1 :], start + 1):
+        if not line.startswith("  ") or line.startswith("   "):
+            if not line.strip():
+                break
+            continue
+        if line.strip().startswith("#"):
+            continue
+        prev = lines[i - 1].strip()
+        assert prev.startswith("#") or lines[i - 2].strip().startswith("#"), f"no comment above: {line}"

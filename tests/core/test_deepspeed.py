@@ -1,0 +1,33 @@
+import pytest
+
+from core.deepspeed import ConfigError, build_config
+
+BASE = dict(stage=2, offload_optimizer=False, offload_param=False, extra={}, micro_batch_size_per_device=4,
+            grad_accum_steps=2, global_batch_size=None, precision="fp32", grad_clip=1.0, lr=1e-3, betas=[0.9, 0.95],
+            eps=1e-8, weight_decay=0.1)  # fmt: skip
+
+
+def test_global_batch_is_derived_and_checked():
+    cfg = build_config(**BASE)
+    assert cfg["train_batch_size"] == 8 and cfg["zero_optimization"]["stage"] == 2
+    assert build_config(**{**BASE, "global_batch_size": 8})["train_batch_size"] == 8
+    with pytest.raises(ConfigError, match=r"global_batch_size=16 but micro_batch_size_per_device \(4\) x grad_accum_steps"):
+        build_config(**{**BASE, "global_batch_size": 16})
+
+
+def test_offload_and_stage_combinations_are_checked():
+    with pytest.raises(ConfigError, match="offload_param needs ZeRO stage 3"):
+        build_config(**{**BASE, "offload_param": True})
+    with pytest.raises(ConfigError, match="stage must be"):
+        build_config(**{**BASE, "stage": 4})
+    z3 = build_config(**{**BASE, "stage": 3, "offload_param": True, "offload_optimizer": True})
+    assert z3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+
+
+def test_extra_keys_merge_deeply_and_cpu_uses_torch_adamw():
+    cfg = build_config(**{**BASE, "extra": {"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 5}})
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 123}
+    assert cfg["steps_per_print"] == 5
+    assert cfg["optimizer"]["params"]["torch_adam"] is True  # CPU accelerator, no offload
+    assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False

@@ -1,0 +1,36 @@
+import json
+
+from core.logging import MetricsLogger, redact_secrets, wandb_mode
+
+
+def test_wandb_falls_back_to_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    mode, notice = wandb_mode("auto")
+    assert mode == "offline" and "no credentials" in notice
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == ("disabled", None)
+    assert wandb_mode("online") == ("online", None)
+
+
+def test_secrets_are_redacted():
+    cfg = {"logger": {"api_key": "abc", "project": "p"}, "hub_token": "t", "n": {"password": "x", "tokens": 3}}
+    assert redact_secrets(cfg) == {"logger": {"api_key": "***", "project": "p"}, "hub_token": "***",
+                                   "n": {"password": "***", "tokens": 3}}  # fmt: skip
+
+
+def test_metrics_jsonl_and_offline_wandb_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = MetricsLogger(tmp_path, backend="wandb", config={"a": 1, "wandb_key": "secret"}, project="test", entity=None,
+                           group="g", name=None, mode="auto", job_type="sft", tags=[], total_steps=2)  # fmt: skip
+    logger.log({"train/loss": 1.5}, step=1)
+    logger.log_samples([{"prompt": "p", "response": "r"}], step=1)
+    logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "train/loss": 1.5}]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "wandb wrote no offline run"
+    saved = "".join(p.read_text(errors="ignore") for p in runs[0].rglob("config.yaml"))
+    assert "secret" not in saved

@@ -1,0 +1,57 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data.collate import GlobalBatches, collate, pack
+from data.templates import IGNORE_INDEX, Encoded
+
+
+def example(n, start):
+    ids = list(range(start, start + n))
+    return Encoded(ids, [IGNORE_INDEX] * 2 + ids[2:], False)
+
+
+def test_packed_rows_give_the_same_logits_as_separate_sequences():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    examples = [example(7, 3), example(5, 20), example(4, 40)]
+    rows = pack(examples, max_len=16)
+    assert len(rows) == 1 and len(rows[0].input_ids) == 16
+    batch = collate(rows + [pack([example(9, 10)], 16)[0]], pad_id=0)  # second row shorter: padded
+    assert batch.attention_mask is None
+    with torch.no_grad():
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        offset = 0
+        for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
+            alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+            n = len(ex.input_ids)
+            torch.testing.assert_close(packed[0, offset : offset + n], alone, atol=1e-5, rtol=1e-5)
+            offset += n
+    # each example's first label is masked so nothing is learned across the boundary
+    starts = [i for i, p in enumerate(rows[0].position_ids) if p == 0]
+    assert all(rows[0].labels[i] == IGNORE_INDEX for i in starts)
+
+
+def test_collate_pads_right_with_true_as_valid():
+    b = collate([example(3, 1), example(5, 1)], pad_id=0)
+    assert b.input_ids.shape == (2, 5)
+    assert b.attention_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert b.labels[0, 3:].eq(IGNORE_INDEX).all()
+    assert b.num_targets() == 1 + 3  # labels after the shift
+
+
+def test_global_batches_split_the_same_global_batch_over_ranks_and_micro_steps():
+    one = GlobalBatches(100, micro_batch=4, grad_accum=1, world_size=1, seed=7)
+    two = GlobalBatches(100, micro_batch=2, grad_accum=1, world_size=2, seed=7)
+    accum = GlobalBatches(100, micro_batch=1, grad_accum=2, world_size=2, seed=7)
+    for step in (0, 5, 24, 25, 60):
+        whole = sorted(one.micro_batches(step, 0)[0])
+        assert sorted(two.micro_batches(step, 0)[0] + two.micro_batches(step, 1)[0]) == whole
+        assert sorted(sum(accum.micro_batches(step, 0) + accum.micro_batches(step, 1), [])) == whole
+    assert one.steps_per_epoch == 25
+    epoch0 = {i for s in range(25) for i in one.micro_batches(s, 0)[0]}
+    assert epoch0 == set(range(100))  # an epoch visits every example once
+    assert one.micro_batches(25, 0) != one.micro_batches(0, 0)  # and the next one reshuffles
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GlobalBatches(3, micro_batch=4, grad_accum=1, world_size=1, seed=0)

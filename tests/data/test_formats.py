@@ -1,0 +1,115 @@
+import gzip
+import json
+
+import pytest
+
+from data.formats import Conversation, DataError, Message, load_conversations, split_train_eval
+
+
+def write_jsonl(path, rows, gz=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+ALPACA = {"instruction": "Add", "input": "2 and 3", "output": "5"}
+MESSAGES = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
+}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+PROMPT = {"prompt": "Hi", "response": "Hello"}
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        (ALPACA, [("user", "Add\n\n2 and 3"), ("assistant", "5")]),
+        (MESSAGES, [(m["role"], m["content"]) for m in MESSAGES["messages"]]),
+        (SHAREGPT, [("user", "Hi"), ("assistant", "Hello")]),
+        (PROMPT, [("user", "Hi"), ("assistant", "Hello")]),
+    ],
+    ids=["alpaca", "messages", "sharegpt", "prompt"],
+)
+def test_each_format_autodetected_to_one_record_type(tmp_path, row, expected):
+    records, report = load_conversations(write_jsonl(tmp_path / "d.jsonl", [row, row]), None)
+    assert report.kept == 2
+    assert isinstance(records[0], Conversation)
+    assert [(m.role, m.content) for m in records[0].messages] == expected
+    assert records[1].source.endswith("d.jsonl:2")
+
+
+def test_json_list_gz_and_parquet(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([ALPACA, ALPACA]))
+    assert len(load_conversations(str(tmp_path / "a.json"), "alpaca")[0]) == 2
+    assert len(load_conversations(write_jsonl(tmp_path / "a.jsonl.gz", [PROMPT] * 3, gz=True), None)[0]) == 3
+    import pandas as pd
+
+    pd.DataFrame([PROMPT] * 4).to_parquet(tmp_path / "a.parquet")
+    assert len(load_conversations(str(tmp_path / "a.parquet"), None)[0]) == 4
+    # several files in one list
+    both = [str(tmp_path / "a.json"), str(tmp_path / "a.parquet")]
+    assert len(load_conversations(both, None)[0]) == 6
+
+
+def test_alpaca_without_input_and_with_system(tmp_path):
+    row = {"instruction": "Say hi", "input": "", "output": "hi", "system": "You are kind."}
+    (conv,), _ = load_conversations(write_jsonl(tmp_path / "d.jsonl", [row]), "alpaca")
+    assert conv.messages == (Message("system", "You are kind."), Message("user", "Say hi"), Message("assistant", "hi"))
+
+
+@pytest.mark.parametrize(
+    "rows, fmt, pattern",
+    [
+        ([{"instruction": "x"}], "alpaca", r"d.jsonl:1: missing field 'output'"),
+        ([ALPACA, {"instruction": "x", "output": 3}], "alpaca", r"d.jsonl:2: field 'output' must be a string, got int"),
+        ([{"prompt": "x", "response": "  "}], "prompt", r"d.jsonl:1: field 'response' is empty"),
+        ([{"messages": "hi"}], "messages", r"d.jsonl:1: field 'messages' must be a non-empty list"),
+        ([{"messages": [{"role": "bot", "content": "x"}]}], "messages", r"messages\[0\]: field 'role' must be one of"),
+        ([{"messages": [{"role": "user", "content": "x"}]}], "messages", r"d.jsonl:1: conversation has no assistant turn"),
+        ([{"conversations": [{"from": "gpt", "value": ""}]}], "sharegpt", r"conversations\[0\]: field 'value' is empty"),
+        ([{"text": "x"}], None, r"d.jsonl:1: cannot tell the data format from fields \['text'\]"),
+        ([ALPACA], "csv", r"data.format='csv' is not one of"),
+    ],
+)
+def test_bad_input_names_file_line_and_field(tmp_path, rows, fmt, pattern):
+    with pytest.raises(DataError, match=pattern):
+        load_conversations(write_jsonl(tmp_path / "d.jsonl", rows), fmt)
+
+
+def test_malformed_json_line_and_missing_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(PROMPT) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON line"):
+        load_conversations(str(path), None)
+    with pytest.raises(DataError, match=r"nope.jsonl: no such file"):
+        load_conversations(str(tmp_path / "nope.jsonl"), None)
+    with pytest.raises(DataError, match=r"no such file \(and not a `datasets` hub name"):
+        load_conversations("missing_file_without_extension", None)
+
+
+def test_on_error_skip_counts_every_reason(tmp_path):
+    rows = [PROMPT, {"prompt": "x", "response": ""}, {"prompt": "x"}, {"prompt": "x", "response": ""}, PROMPT]
+    records, report = load_conversations(write_jsonl(tmp_path / "d.jsonl", rows), "prompt", on_error="skip")
+    assert len(records) == 2 and report.kept == 2
+    assert report.skipped == {"field 'response' is empty": 2, "missing field 'response'": 1}
+    assert "skipped 3" in report.summary()
+    with pytest.raises(DataError, match="no usable records"):
+        load_conversations(write_jsonl(tmp_path / "e.jsonl", rows[1:4]), "prompt", on_error="skip")
+
+
+def test_split_train_eval_is_seeded_and_disjoint():
+    train, evals = split_train_eval(list(range(100)), 0.1, seed=3)
+    assert len(evals) == 10 and len(train) == 90 and not set(train) & set(evals)
+    assert split_train_eval(list(range(100)), 0.1, seed=3) == (train, evals)
+    with pytest.raises(DataError, match="eval_fraction"):
+        split_train_eval(list(range(10)), 0.0, seed=0)
