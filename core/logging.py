@@ -141,6 +141,26 @@ class MetricsLogger:
         if self.progress is not None and "train/loss" in metrics:
             self.progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
 
+    def rewind(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run replays them), so the files read as one run."""
+        if not self.enabled:
+            return
+        self._metrics.close()
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            path = self.run_dir / name
+            if path.is_file():
+                rows = [
+                    r
+                    for r in path.read_text(encoding="utf-8").splitlines()
+                    if r and json.loads(r)["step"] <= step
+                ]
+                tmp = path.with_name(f".{name}.tmp")
+                tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+                os.replace(tmp, path)
+        self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        if self.progress is not None:
+            self.progress.update(step - self.progress.n)
+
     def advance(self, step: int) -> None:
         if self.progress is not None:
             self.progress.update(step - self.progress.n)  # honours mininterval (quiet in non-TTY logs)

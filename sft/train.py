@@ -7,7 +7,6 @@ into micro-batches or ranks (the gradient-accumulation bug many trainers had).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import checkpoint, dist, models
 from core import deepspeed as ds
-from core.logging import METRICS_FILE, MetricsLogger
+from core.logging import MetricsLogger
 from data import builtin
 from data.collate import GlobalBatches, collate, pack
 from data.formats import Conversation, load_conversations, split_train_eval
@@ -32,9 +31,9 @@ log = logging.getLogger(__name__)
 class SFTRecipe:
     """setup -> train -> cleanup; checkpoints and the export happen inside train."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, run_dir: Path | None = None):
         self.cfg = cfg
-        self.run_dir = Path(HydraConfig.get().runtime.output_dir)
+        self.run_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
         self.step = 0
 
     # ------------------------------------------------------------------ setup
@@ -158,10 +157,7 @@ class SFTRecipe:
             return
         self.step = checkpoint.load_checkpoint(self.engine, found)["step"]
         log.info("resume: continuing from %s (step %d)", found, self.step)
-        if dist.is_main():  # rows the killed run logged after its last checkpoint are replayed
-            path = self.run_dir / METRICS_FILE
-            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
-            checkpoint.atomic_write_text(path, "".join(r + "\n" for r in rows))
+        self.logger.rewind(self.step)
 
     # ------------------------------------------------------------------ train
 

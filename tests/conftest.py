@@ -23,26 +23,41 @@ def shared_data() -> Path:
 
 def stage_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.update(
+        WANDB_MODE="offline", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+    )
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLHF_RUN_STAMP"):
         env.pop(var, None)
     return env
 
 
-def run_stage(module: str, *overrides: str, launcher: list[str] | None = None, timeout: int = 600, check: bool = True):
+def run_stage(
+    module: str, *overrides: str, launcher: list[str] | None = None, timeout: int = 300, check: bool = True
+):
     """Run `python -m module overrides...` (or under a launcher) from the project root."""
     cmd = [*launcher, module] if launcher else [sys.executable, "-m", module]
-    proc = subprocess.run([*cmd, *overrides], cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*cmd, *overrides], cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def deepspeed_launcher(num_procs: int = 2) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_procs), "--master_port", str(_free_port()), "--module"]
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(num_procs),
+        "--master_port",
+        str(free_port()),
+        "--module",
+    ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -11,7 +11,9 @@ def test_global_batch_is_derived_and_checked():
     cfg = build_config(**BASE)
     assert cfg["train_batch_size"] == 8 and cfg["zero_optimization"]["stage"] == 2
     assert build_config(**{**BASE, "global_batch_size": 8})["train_batch_size"] == 8
-    with pytest.raises(ConfigError, match=r"global_batch_size=16 but micro_batch_size_per_device \(4\) x grad_accum_steps"):
+    with pytest.raises(
+        ConfigError, match=r"global_batch_size=16 but micro_batch_size_per_device \(4\) x grad_accum_steps"
+    ):
         build_config(**{**BASE, "global_batch_size": 16})
 
 
@@ -26,7 +28,9 @@ def test_offload_and_stage_combinations_are_checked():
 
 
 def test_extra_keys_merge_deeply_and_cpu_uses_torch_adamw():
-    cfg = build_config(**{**BASE, "extra": {"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 5}})
+    cfg = build_config(
+        **{**BASE, "extra": {"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 5}}
+    )
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 123}
     assert cfg["steps_per_print"] == 5
     assert cfg["optimizer"]["params"]["torch_adam"] is True  # CPU accelerator, no offload

@@ -16,7 +16,11 @@ def test_wandb_falls_back_to_offline_without_credentials(monkeypatch, tmp_path):
 
 
 def test_secrets_are_redacted():
-    cfg = {"logger": {"api_key": "abc", "project": "p"}, "hub_token": "t", "n": {"password": "x", "tokens": 3}}
+    cfg = {
+        "logger": {"api_key": "abc", "project": "p"},
+        "hub_token": "t",
+        "n": {"password": "x", "tokens": 3},
+    }
     assert redact_secrets(cfg) == {"logger": {"api_key": "***", "project": "p"}, "hub_token": "***",
                                    "n": {"password": "***", "tokens": 3}}  # fmt: skip
 

@@ -11,7 +11,12 @@ def test_builtin_tokenizer_keeps_its_own_pad():
 
 @pytest.mark.parametrize(
     "name, expected_pad",
-    [("gpt2", PAD_TOKEN), ("llama2-sentencepiece", "<unk>"), ("qwen2", "<|endoftext|>"), ("gpt-neox-pythia", "<|padding|>")],
+    [
+        ("gpt2", PAD_TOKEN),
+        ("llama2-sentencepiece", "<unk>"),
+        ("qwen2", "<|endoftext|>"),
+        ("gpt-neox-pythia", "<|padding|>"),
+    ],
 )
 def test_real_tokenizers_get_a_pad_token_that_is_not_eos(shared_data, name, expected_pad):
     tok = load_tokenizer(str(shared_data / "tokenizers" / name), None, trust_remote_code=False)

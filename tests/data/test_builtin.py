@@ -9,7 +9,13 @@ P = "write a review of the pizza you had last week ."
 
 def test_gold_judge_rules():
     g = task.gold_score
-    assert g(P, "the crust was great . the sauce was lovely . the cheese was superb . the toppings was excellent .") == 4
+    assert (
+        g(
+            P,
+            "the crust was great . the sauce was lovely . the cheese was superb . the toppings was excellent .",
+        )
+        == 4
+    )
     assert g(P, "the crust was awful .") == -1
     assert g(P, "the crust was okay .") == 0
     assert g(P, "the plot was great .") == -1  # off topic (a movie's aspect)
@@ -26,7 +32,9 @@ def test_prompts_split_into_disjoint_train_and_held_out():
     assert not set(train) & set(held)
     assert task.split_prompts(seed=0) == (train, held)
     t, e = sft_conversations(200, seed=0, eval_fraction=0.1)
-    assert {c.messages[0].content for c in t} <= set(train) and {c.messages[0].content for c in e} <= set(held)
+    assert {c.messages[0].content for c in t} <= set(train) and {c.messages[0].content for c in e} <= set(
+        held
+    )
 
 
 def test_demonstrations_are_mixed_quality_and_deterministic():

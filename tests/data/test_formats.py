@@ -64,19 +64,39 @@ def test_json_list_gz_and_parquet(tmp_path):
 def test_alpaca_without_input_and_with_system(tmp_path):
     row = {"instruction": "Say hi", "input": "", "output": "hi", "system": "You are kind."}
     (conv,), _ = load_conversations(write_jsonl(tmp_path / "d.jsonl", [row]), "alpaca")
-    assert conv.messages == (Message("system", "You are kind."), Message("user", "Say hi"), Message("assistant", "hi"))
+    assert conv.messages == (
+        Message("system", "You are kind."),
+        Message("user", "Say hi"),
+        Message("assistant", "hi"),
+    )
 
 
 @pytest.mark.parametrize(
     "rows, fmt, pattern",
     [
         ([{"instruction": "x"}], "alpaca", r"d.jsonl:1: missing field 'output'"),
-        ([ALPACA, {"instruction": "x", "output": 3}], "alpaca", r"d.jsonl:2: field 'output' must be a string, got int"),
+        (
+            [ALPACA, {"instruction": "x", "output": 3}],
+            "alpaca",
+            r"d.jsonl:2: field 'output' must be a string, got int",
+        ),
         ([{"prompt": "x", "response": "  "}], "prompt", r"d.jsonl:1: field 'response' is empty"),
         ([{"messages": "hi"}], "messages", r"d.jsonl:1: field 'messages' must be a non-empty list"),
-        ([{"messages": [{"role": "bot", "content": "x"}]}], "messages", r"messages\[0\]: field 'role' must be one of"),
-        ([{"messages": [{"role": "user", "content": "x"}]}], "messages", r"d.jsonl:1: conversation has no assistant turn"),
-        ([{"conversations": [{"from": "gpt", "value": ""}]}], "sharegpt", r"conversations\[0\]: field 'value' is empty"),
+        (
+            [{"messages": [{"role": "bot", "content": "x"}]}],
+            "messages",
+            r"messages\[0\]: field 'role' must be one of",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "x"}]}],
+            "messages",
+            r"d.jsonl:1: conversation has no assistant turn",
+        ),
+        (
+            [{"conversations": [{"from": "gpt", "value": ""}]}],
+            "sharegpt",
+            r"conversations\[0\]: field 'value' is empty",
+        ),
         ([{"text": "x"}], None, r"d.jsonl:1: cannot tell the data format from fields \['text'\]"),
         ([ALPACA], "csv", r"data.format='csv' is not one of"),
     ],

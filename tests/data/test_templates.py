@@ -5,7 +5,11 @@ from data.collate import collate
 from data.formats import Conversation, DataError, Message
 from data.templates import IGNORE_INDEX, PromptFormatter
 
-TEMPLATE = {"system": "{content}\n\n", "user": "### Instruction:\n{content}\n\n### Response:\n", "assistant": "{content}"}
+TEMPLATE = {
+    "system": "{content}\n\n",
+    "user": "### Instruction:\n{content}\n\n### Response:\n",
+    "assistant": "{content}",
+}
 
 
 def formatter(tok, mode="auto"):
@@ -40,7 +44,20 @@ def test_multi_turn_loss_on_every_assistant_turn_and_loss_on_all():
     c = conv(("system", "review"), ("user", "the pizza"), ("assistant", "the crust was great ."),
              ("user", "the movie"), ("assistant", "the plot was boring ."))  # fmt: skip
     enc = f.encode(c, max_len=128)
-    assert labelled_text(tok, enc) == "the crust was great . </s> the plot was boring . </s>".split()
+    assert labelled_text(tok, enc) == [
+        "the",
+        "crust",
+        "was",
+        "great",
+        ".",
+        "</s>",
+        "the",
+        "plot",
+        "was",
+        "boring",
+        ".",
+        "</s>",
+    ]
     assert enc.labels.count(tok.eos_token_id) == 2
     every = f.encode(c, max_len=128, loss_on="all")
     assert sum(lab != IGNORE_INDEX for lab in every.labels) == len(every.input_ids) - 1  # all but BOS
@@ -50,7 +67,9 @@ def test_multi_turn_loss_on_every_assistant_turn_and_loss_on_all():
 
 def test_truncation_is_flagged():
     tok = build_tokenizer()
-    enc = formatter(tok).encode(conv(("user", "review the pizza ."), ("assistant", "the crust was great .")), max_len=8)
+    enc = formatter(tok).encode(
+        conv(("user", "review the pizza ."), ("assistant", "the crust was great .")), max_len=8
+    )
     assert enc.truncated and len(enc.input_ids) == 8 == len(enc.labels)
 
 
@@ -59,7 +78,9 @@ def test_pad_equal_to_eos_never_hides_the_real_eos():
     tok.pad_token = tok.eos_token  # the trap: padding with EOS
     f = formatter(tok)
     short = f.encode(conv(("user", "review the cafe ."), ("assistant", "the coffee was great .")), 64)
-    long = f.encode(conv(("user", "review the cafe ."), ("assistant", "the coffee was great . the cakes was okay .")), 64)
+    long = f.encode(
+        conv(("user", "review the cafe ."), ("assistant", "the coffee was great . the cakes was okay .")), 64
+    )
     batch = collate([short, long], pad_id=tok.pad_token_id)
     n = len(short.input_ids)
     assert batch.labels[0, n - 1] == tok.eos_token_id  # the real EOS is a target
@@ -78,11 +99,29 @@ def test_chat_template_used_when_present_and_segments_rebuild_the_rendering():
     tok.chat_template = CHAT_TEMPLATE
     f = formatter(tok)
     assert f.use_chat_template and f.bos_ids == []
-    c = conv(("user", "review the pizza ."), ("assistant", "the crust was great ."), ("user", "and ?"), ("assistant", "the sauce was okay ."))
+    c = conv(
+        ("user", "review the pizza ."),
+        ("assistant", "the crust was great ."),
+        ("user", "and ?"),
+        ("assistant", "the sauce was okay ."),
+    )
     msgs = [{"role": m.role, "content": m.content} for m in c.messages]
     assert "".join(t for t, _ in f.segments(c.messages)) == tok.apply_chat_template(msgs, tokenize=False)
     enc = f.encode(c, 128)
-    assert labelled_text(tok, enc) == "the crust was great . </s> the sauce was okay . </s>".split()
+    assert labelled_text(tok, enc) == [
+        "the",
+        "crust",
+        "was",
+        "great",
+        ".",
+        "</s>",
+        "the",
+        "sauce",
+        "was",
+        "okay",
+        ".",
+        "</s>",
+    ]
     assert not formatter(tok, mode="never").use_chat_template
     with pytest.raises(DataError, match="no chat template"):
         formatter(build_tokenizer(), mode="always")
@@ -90,7 +129,9 @@ def test_chat_template_used_when_present_and_segments_rebuild_the_rendering():
 
 def test_template_strings_must_have_content_placeholder():
     with pytest.raises(DataError, match=r"data.template.user must contain '\{content\}'"):
-        PromptFormatter(build_tokenizer(), chat_template="never", system="{content}", user="Q:", assistant="{content}")
+        PromptFormatter(
+            build_tokenizer(), chat_template="never", system="{content}", user="Q:", assistant="{content}"
+        )
 
 
 def test_real_chat_template_qwen2(shared_data):

@@ -1,0 +1,79 @@
+"""Two CPU processes under the real `deepspeed` launcher (gloo), and under torchrun."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.deepspeed import consolidated_fp32_state_dict
+from tests.conftest import deepspeed_launcher, free_port, metric_series, read_metrics, run_stage
+
+pytestmark = pytest.mark.distributed
+STEPS = ["experiment=quick", "train.max_steps=8", "train.log_every=1", "train.num_samples=1"]
+
+
+def test_zero3_two_ranks_partition_match_one_process_and_export_gathered_weights(tmp_path):
+    # the run dir names the microsecond: per-process ${now:} stamps would give two directories
+    runs = tmp_path / "two"
+    run_stage("sft", *STEPS, "deepspeed=zero3", "train.micro_batch_size_per_device=2",
+              f"hydra.run.dir={runs}/${{run_now:%H-%M-%S-%f}}", launcher=deepspeed_launcher(2))  # fmt: skip
+    (two,) = list(runs.iterdir())  # both ranks wrote into one run directory
+    one = tmp_path / "one"
+    run_stage("sft", *STEPS, "deepspeed=zero3", "train.micro_batch_size_per_device=4", f"hydra.run.dir={one}")
+
+    rows2, rows1 = read_metrics(two), read_metrics(one)
+    # every model parameter is split: each rank stores about half
+    assert rows2[0]["zero/param_share_rank0"] == pytest.approx(0.5, abs=0.05)
+    assert rows2[0]["zero/param_share_rank1"] == pytest.approx(0.5, abs=0.05)
+    # the same global batch gives the same loss, step by step
+    l2, l1 = metric_series(rows2, "train/loss"), metric_series(rows1, "train/loss")
+    assert [s for s, _ in l2] == [s for s, _ in l1] == list(range(1, 9))
+    for (_, a), (_, b) in zip(l1, l2):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert l2[-1][1] < l2[0][1]
+
+    # the export equals the weights DeepSpeed's own zero_to_fp32 rebuilds from both ranks' shards
+    exported = load_file(two / "export" / "model.safetensors")
+    ckpt = two / "checkpoints"
+    gathered = consolidated_fp32_state_dict(str(ckpt), (ckpt / "latest").read_text().strip())
+    assert set(exported) <= set(gathered)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, gathered[k], rtol=0, atol=0)
+    one_export = load_file(one / "export" / "model.safetensors")
+    for k, v in exported.items():
+        torch.testing.assert_close(v, one_export[k], rtol=1e-4, atol=1e-5)
+    # only rank 0 wrote Hydra's files and the log
+    assert (two / ".hydra" / "config.yaml").is_file() and len(list(two.glob("*.log"))) == 1
+
+
+def test_lora_under_zero3_saves_an_adapter_peft_loads(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    run_stage("sft", *STEPS, "deepspeed=zero3", "peft=lora", "peft.r=4", "optim.lr=3e-3", "train.micro_batch_size_per_device=2",
+              f"hydra.run.dir={run}", launcher=deepspeed_launcher(2))  # fmt: skip
+    adapter = load_file(run / "export" / "adapter_model.safetensors")
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(run / "export" / "base"), run / "export"
+    )
+    lora_b = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values())
+
+
+def test_torchrun_two_processes(tmp_path):
+    run = tmp_path / "tr"
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+    ]
+    run_stage("sft", "experiment=quick", "train.max_steps=3", "deepspeed=zero2", "train.micro_batch_size_per_device=2",
+              f"hydra.run.dir={run}", launcher=torchrun)  # fmt: skip
+    assert (run / "export" / "model.safetensors").is_file()
+    assert read_metrics(run)[0]["zero/param_share_rank1"] == 1.0  # ZeRO-2 keeps whole parameters
