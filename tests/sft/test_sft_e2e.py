@@ -109,6 +109,7 @@ def test_lora_exports_adapter_base_and_merged_model(tmp_path):
 
     run = tmp_path / "run"
     run_stage("sft", *QUICK, "peft=lora", "peft.r=4", "peft.merge_on_export=true", "optim.lr=3e-3", "train.max_steps=20",
+              "model.gradient_checkpointing=true",
               "train.eval_every=0", f"hydra.run.dir={run}")  # fmt: skip
     export = run / "export"
     adapter = load_file(export / "adapter_model.safetensors")
@@ -143,12 +144,11 @@ def test_bad_data_fails_before_training_and_skip_counts(tmp_path):
     assert "skipped 1 (1 field 'response' is empty)" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("packing", [True])
-def test_packing_trains(tmp_path, packing):
+def test_packing_trains_and_tensorboard_logs(tmp_path):
     run = tmp_path / "run"
-    run_stage(
-        "sft", "experiment=quick", f"data.packing={packing}", "train.max_steps=20", f"hydra.run.dir={run}"
-    )
+    run_stage("sft", "experiment=quick", "data.packing=true", "train.max_steps=20", "logger=tensorboard",
+              f"hydra.run.dir={run}")  # fmt: skip
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = read_metrics(run)
     assert rows[0]["data/train_examples"] < 4000  # rows hold several examples
     losses = [v for _, v in metric_series(rows, "train/loss")]
