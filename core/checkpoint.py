@@ -123,12 +123,15 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- export
 
 
-def export_model(engine, tokenizer, out_dir: Path, *, merge_lora: bool, info: dict[str, Any]) -> None:
+def export_model(
+    engine, tokenizer, out_dir: Path, *, merge_lora: bool, info: dict[str, Any], extra_files: dict[str, str] | None = None
+) -> None:
     """Write the trained model in Hugging Face format to `out_dir` (collective; rank 0 writes).
 
     Full fine-tuning: `from_pretrained`-ready weights (safetensors) + tokenizer.
     LoRA: the peft adapter (`PeftModel.from_pretrained`), the base weights in `base/` when the base
     came from a config rather than a loadable path, and with merge_lora the merged model in `merged/`.
+    `extra_files` (name -> text) are written beside the model. Works for any head (LM or score).
     """
     state = ds.full_state_dict(engine)  # ZeRO-3: gathered into rank 0 here
     if dist.is_main():
@@ -143,6 +146,8 @@ def export_model(engine, tokenizer, out_dir: Path, *, merge_lora: bool, info: di
                 _save_plain(copy.deepcopy(model).unload(), tokenizer, tmp / "base")
             if merge_lora:
                 _save_plain(copy.deepcopy(model).merge_and_unload(), tokenizer, tmp / "merged")
+        for name, text in (extra_files or {}).items():  # e.g. reward statistics, inside the atomic swap
+            (tmp / name).write_text(text, encoding="utf-8")
         atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2))
         _swap_in(tmp, out_dir)
         log.info("exported to %s", out_dir)

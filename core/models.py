@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,34 @@ def load_tokenizer(
     return tok
 
 
-def load_causal_lm(
+HEADS = {"lm": AutoModelForCausalLM, "score": AutoModelForSequenceClassification}
+
+
+def load_model(
     name_or_path: str | None,
     arch: dict[str, Any],
     tokenizer,
     precision: str,
     *,
+    head: str = "lm",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     revision: str | None = None,
-    auto_class=AutoModelForCausalLM,
 ) -> PreTrainedModel:
     """A model from the hub / a local dir, or a fresh one from `arch` (e.g. the built-in tiny Llama).
 
+    head="lm": a causal LM. head="score": the same backbone with a scalar head (sequence
+    classification with one label); from a causal-LM checkpoint (an SFT export) the head is new.
     Call inside `core.deepspeed.model_init(...)` so ZeRO-3 partitions it as it is created.
     Embeddings grow to the tokenizer's size when it gained a pad token.
     """
+    if head not in HEADS:
+        raise ModelError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+    auto_class = HEADS[head]
     dtype = torch_dtype(precision)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if head == "score":
+        kwargs["num_labels"] = 1
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if name_or_path is None:
@@ -106,6 +116,7 @@ def load_causal_lm(
         config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         config.bos_token_id = tokenizer.bos_token_id
+        config.num_labels = kwargs.pop("num_labels", config.num_labels)
         model = auto_class.from_config(config, **kwargs)
     else:
         try:
@@ -117,9 +128,44 @@ def load_causal_lm(
     if _ds_rows(model) < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last valid token, for left or right padding: [B, T] bool -> [B].
+
+    Read from the mask, never from pad ids, so a tokenizer whose pad is its EOS still scores
+    at the real EOS.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=-1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first valid token (left padding shifts them): [B, T]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_scores(model, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head applied at every position: values [B, T] (float32).
+
+    `model` is the callable (a DeepSpeed engine or the module), `head` its `score` layer. The
+    head sees the final (normed) hidden state, exactly what transformers' own pooling sees.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+                output_hidden_states=True, use_cache=False)  # fmt: skip
+    return head(out.hidden_states[-1]).squeeze(-1).float()  # [B, T]
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head (`score`) of a sequence-classification model, also inside a peft wrapper."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = getattr(base, "score", None)
+    if head is None:
+        raise ModelError(f"{type(base).__name__} has no `score` head; the reward model must be a sequence classifier")
+    return head
 
 
 def _ds_rows(model: PreTrainedModel) -> int:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import collections
 import gzip
+import itertools
 import json
 import logging
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,3 +311,203 @@ def split_train_eval(records: list[Any], fraction: float, seed: int) -> tuple[li
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(round(len(records) * fraction)))
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+
+
+# ----------------------------------------------------------------------------- preference formats
+#
+#   pairwise   {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "margin"?}
+#              (also alpaca-style prompts: {"instruction", "input"?, "chosen", "rejected"})
+#   hh         {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}: whole dialogues
+#              sharing everything up to the last Assistant turn (Anthropic HH-RLHF)
+#   sharegpt_pairs {"conversations": [{from, value}], "chosen": {from, value}, "rejected": {...}}
+#   ranked     {"prompt": str | messages, "responses": [str], "ranks": [int]} (0 = best), or an
+#              OpenAssistant tree {"prompt": {"text", "role", "replies": [{"text", "rank", "replies"}]}}:
+#              every pair of siblings with different ranks becomes a pair
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt (messages ending with a user turn) and two replies, the first preferred."""
+
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    source: str = ""
+
+
+class SkippedRecord(DataError):
+    """A record that is valid but useless (identical or empty replies): always counted and skipped."""
+
+
+def _make_pair(prompt: tuple[Message, ...], chosen: str, rejected: str, row: dict, where: str) -> PreferencePair:
+    if not chosen.strip() or not rejected.strip():
+        raise SkippedRecord(f"{where}: empty response")
+    if chosen.strip() == rejected.strip():
+        raise SkippedRecord(f"{where}: identical chosen and rejected")
+    margin = row.get("margin", 0.0) if isinstance(row, dict) else 0.0
+    if margin is None:
+        margin = 0.0
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+        raise DataError(f"{where}: field 'margin' must be a number, got {type(margin).__name__}")
+    return PreferencePair(prompt, chosen, rejected, float(margin), where)
+
+
+def _prompt_messages(row: dict, where: str) -> tuple[Message, ...]:
+    """A prompt given as a string, a message list, or alpaca-style instruction + input."""
+    if "prompt" not in row and "instruction" in row:
+        return _alpaca({**row, "output": "-"}, where)[:-1]
+    if isinstance(row.get("prompt"), list):
+        return parse_messages(require_list(row, "prompt", where), where, "prompt", "role", "content")
+    return (Message("user", require_str(row, "prompt", where)),)
+
+
+def _reply_text(row: dict, key: str, where: str) -> str:
+    """A reply given as a string, an {role/from, content/value} object, or a message list ending in it."""
+    value = row.get(key)
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if not value or not isinstance(value[-1], dict):
+            raise DataError(f"{where}: field '{key}' must be a string or a list of messages")
+        text_key = "value" if "value" in value[-1] else "content"
+        role_key = "from" if "from" in value[-1] else "role"
+        msgs = parse_messages(value, where, key, role_key, text_key)
+        if msgs[-1].role != "assistant":
+            raise DataError(f"{where}: field '{key}' must end with an assistant message")
+        return msgs[-1].content
+    return require_str(row, key, where, allow_empty=True)
+
+
+def _pairwise(row: dict, where: str) -> list[PreferencePair]:
+    prompt = _prompt_messages(row, where)
+    return [_make_pair(prompt, _reply_text(row, "chosen", where), _reply_text(row, "rejected", where), row, where)]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(chosen: str, rejected: str, where: str) -> tuple[tuple[Message, ...], str, str]:
+    """Two HH dialogues -> (shared prompt as messages, chosen reply, rejected reply).
+
+    The prompt is the longest common prefix cut back to its last "\n\nAssistant:" marker, as in
+    TRL's `extract_prompt`: real HH rows sometimes differ before the final turn only in the
+    reply being compared (or hold a malformed inline "Human:"), and this keeps them faithful.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(_HH_ASSISTANT)
+    if cut < 0:
+        raise DataError(f"{where}: 'chosen' and 'rejected' share no '\\n\\nHuman: ... \\n\\nAssistant:' prefix")
+    prompt_text, start = chosen[:cut], cut + len(_HH_ASSISTANT)
+    parts = _HH_TURN.split(prompt_text)  # ["", "Human", q, "Assistant", a, ..., "Human", q]
+    if len(parts) < 3 or parts[0].strip() or parts[-2] != "Human":
+        raise DataError(f"{where}: the dialogue before the compared replies must end with a '\\n\\nHuman:' turn")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = tuple(Message(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2))
+    return messages, chosen[start:].strip(), rejected[start:].strip()
+
+
+def _hh(row: dict, where: str) -> list[PreferencePair]:
+    prompt, chosen, rejected = split_hh(require_str(row, "chosen", where), require_str(row, "rejected", where), where)
+    return [_make_pair(prompt, chosen, rejected, row, where)]
+
+
+def _sharegpt_pairs(row: dict, where: str) -> list[PreferencePair]:
+    prompt = parse_messages(require_list(row, "conversations", where), where, "conversations", "from", "value")
+    return [_make_pair(prompt, _reply_text(row, "chosen", where), _reply_text(row, "rejected", where), row, where)]
+
+
+def _ranked(row: dict, where: str) -> list[PreferencePair]:
+    if isinstance(row.get("prompt"), dict):
+        return _oasst_tree(row["prompt"], where)
+    prompt = _prompt_messages(row, where)
+    responses, ranks = require_list(row, "responses", where), require_list(row, "ranks", where)
+    if len(responses) != len(ranks) or not all(isinstance(r, int) for r in ranks):
+        raise DataError(f"{where}: 'ranks' must be integers, one per response")
+    return _ranked_pairs(prompt, list(zip(ranks, responses)), where)
+
+
+def _ranked_pairs(prompt: tuple[Message, ...], ranked: list[tuple[int, str]], where: str) -> list[PreferencePair]:
+    pairs = []
+    for (ra, a), (rb, b) in itertools.combinations(ranked, 2):
+        if ra == rb:
+            continue
+        better, worse = (a, b) if ra < rb else (b, a)
+        if better.strip() and worse.strip() and better.strip() != worse.strip():
+            pairs.append(PreferencePair(prompt, better, worse, 0.0, where))
+    return pairs
+
+
+def _oasst_tree(root: dict, where: str) -> list[PreferencePair]:
+    pairs: list[PreferencePair] = []
+
+    def walk(node: dict, history: tuple[Message, ...]) -> None:  # node: a prompter message
+        prompt = (*history, Message("user", require_str(node, "text", where)))
+        replies = [r for r in node.get("replies") or [] if r.get("role") == "assistant" and not r.get("deleted")]
+        pairs.extend(_ranked_pairs(prompt, [(r["rank"], r["text"]) for r in replies if isinstance(r.get("rank"), int)], where))
+        for reply in replies:
+            for child in reply.get("replies") or []:
+                if child.get("role") == "prompter" and not child.get("deleted"):
+                    walk(child, (*prompt, Message("assistant", reply["text"])))
+
+    walk(root, ())
+    if not pairs:
+        raise SkippedRecord(f"{where}: no ranked sibling replies")
+    return pairs
+
+
+PREFERENCE_FORMATS: dict[str, Callable[[dict[str, Any], str], list[PreferencePair]]] = {
+    "pairwise": _pairwise,
+    "hh": _hh,
+    "sharegpt_pairs": _sharegpt_pairs,
+    "ranked": _ranked,
+}
+
+
+def detect_preference_format(row: Any, where: str) -> str:
+    keys = row.keys() if isinstance(row, dict) else set()
+    if {"conversations", "chosen", "rejected"} <= keys:
+        return "sharegpt_pairs"
+    if {"chosen", "rejected"} <= keys and ({"prompt", "instruction"} & keys):
+        return "pairwise"
+    if {"chosen", "rejected"} <= keys:
+        return "hh"
+    if "prompt" in keys and (isinstance(row["prompt"], dict) or "responses" in keys):
+        return "ranked"
+    found = sorted(keys) if isinstance(row, dict) else type(row).__name__
+    raise DataError(f"{where}: cannot tell the preference format from fields {found}; set data.format to one of "
+                    f"{sorted(PREFERENCE_FORMATS)}")  # fmt: skip
+
+
+def load_preferences(
+    paths: str | list[str], fmt: str | None, *, on_error: str = "raise", split: str = "train"
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Preference records -> (flat list of PreferencePair, LoadReport).
+
+    Identical or empty replies are always counted and skipped; other problems raise unless
+    on_error="skip".
+    """
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+    if fmt is not None and fmt not in PREFERENCE_FORMATS:
+        raise DataError(f"data.format={fmt!r} is not one of {sorted(PREFERENCE_FORMATS)}")
+    pairs: list[PreferencePair] = []
+    report = LoadReport()
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        path_fmt = fmt
+        for lineno, row in iter_rows(str(path), split):
+            where = f"{path}:{lineno}"
+            path_fmt = path_fmt or detect_preference_format(row, where)
+            try:
+                pairs.extend(PREFERENCE_FORMATS[path_fmt](row, where))
+            except DataError as e:
+                if on_error == "raise" and not isinstance(e, SkippedRecord):
+                    raise
+                report.skipped[str(e).split(": ", 1)[-1]] += 1
+    report.kept = len(pairs)
+    if report.skipped:
+        log.warning("data: %s", report.summary())
+    if not pairs:
+        raise DataError(f"{paths}: no usable preference pairs ({report.summary()})")
+    return pairs, report

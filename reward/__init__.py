@@ -1,1 +1,1 @@
-"""Stage 2: reward-model training on preference pairs (Bradley-Terry). Not built yet: see the open issue."""
+"""Stage 2: reward-model training on preference pairs, Bradley-Terry (`python -m reward`)."""

@@ -132,7 +132,7 @@ class SFTRecipe:
             grad_clip=o.grad_clip, lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay,
         )  # fmt: skip
         self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
-        model = models.load_causal_lm(
+        model = models.load_model(
             cfg.model.name_or_path, OmegaConf.to_container(cfg.model.arch), self.tokenizer, t.precision,
             trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
             revision=cfg.model.revision,

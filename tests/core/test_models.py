@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from core.models import PAD_TOKEN, ModelError, load_causal_lm, load_tokenizer, resolve_precision
+from core.models import PAD_TOKEN, ModelError, load_model, load_tokenizer, resolve_precision
 
 
 def test_builtin_tokenizer_keeps_its_own_pad():
@@ -28,18 +28,18 @@ def test_new_pad_token_grows_the_embeddings(shared_data):
     tok = load_tokenizer(str(shared_data / "tokenizers" / "gpt2"), None, trust_remote_code=False)
     raw = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
     assert len(tok) == len(raw) + 1
-    model = load_causal_lm(str(shared_data / "models" / "stories260K-hf"), {}, tok, "fp32")
+    model = load_model(str(shared_data / "models" / "stories260K-hf"), {}, tok, "fp32")
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert model.config.pad_token_id == tok.pad_token_id
 
 
 def test_fresh_model_from_arch_uses_the_tokenizer_size():
     tok = load_tokenizer("builtin", None, trust_remote_code=False)
-    model = load_causal_lm(None, {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    model = load_model(None, {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                   "num_attention_heads": 2}, tok, "fp32")  # fmt: skip
     assert model.config.vocab_size == len(tok) and model.config.eos_token_id == tok.eos_token_id
     with pytest.raises(ModelError, match="model_type"):
-        load_causal_lm(None, {"hidden_size": 32}, tok, "fp32")
+        load_model(None, {"hidden_size": 32}, tok, "fp32")
 
 
 def test_clear_errors_for_bad_model_settings(tmp_path):

@@ -1,0 +1,276 @@
+"""Stage 2 recipe: a reward model from preference pairs.   python -m reward [key=value ...]
+
+The model is the policy's backbone with a scalar head (sequence classification, one label),
+initialised from an SFT export when `model.name_or_path` points at one. Its score for a
+(prompt, reply) is the head's value at the last real token, the EOS that ends the reply, read
+from the attention mask so left or right padding and pad == EOS tokenizers all score the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from core import checkpoint, dist, models
+from core import deepspeed as ds
+from core.logging import MetricsLogger
+from data.builtin import task
+from data.collate import GlobalBatches
+from data.formats import Conversation, Message, PreferencePair, load_preferences, split_train_eval
+from data.templates import PromptFormatter
+from reward.loss import accuracy, centering_penalty, preference_loss
+
+log = logging.getLogger(__name__)
+
+REWARD_STATS = "reward_stats.json"
+
+
+@dataclass
+class EncodedPair:
+    chosen: list[int]
+    rejected: list[int]
+    margin: float
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int, padding_side: str = "right"):
+    """Chosen rows then rejected rows: input_ids [2B, T], attention_mask [2B, T] (True = valid), margin [B]."""
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r)
+        mask[i, span] = True
+    return ids, mask, torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+
+
+class RewardRecipe:
+    """setup -> train -> cleanup; checkpoints, reward statistics and the export happen inside train."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
+        self.step = 0
+        self.reward_stats: dict[str, float] | None = None  # set by the final evaluation
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        transformers.set_seed(cfg.train.seed)
+        self.device = dist.device()
+        self.tokenizer = models.load_tokenizer(
+            cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision
+        )
+        self.formatter = PromptFormatter(self.tokenizer, **cfg.data.template)
+        self._setup_data()
+        self._setup_model()
+        self.logger = MetricsLogger(
+            self.run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            total_steps=cfg.train.max_steps,
+            **{k: v for k, v in cfg.logger.items() if k != "job_type"},
+            job_type=cfg.logger.job_type or "reward",
+        )
+        if cfg.train.resume:
+            found = checkpoint.latest_checkpoint(self.run_dir)
+            if found is not None:
+                self.step = checkpoint.load_checkpoint(self.engine, found)["step"]
+                self.logger.rewind(self.step)
+                log.info("resume: continuing from %s (step %d)", found, self.step)
+        shares = dist.all_gather_object(ds.partition_numel(self.engine.module))
+        if self.step == 0:
+            self.logger.log(
+                {
+                    "data/train_pairs": len(self.train_set),
+                    "data/eval_pairs": len(self.eval_set),
+                    "data/too_long": self.num_too_long,
+                    **{f"zero/param_share_rank{r}": local / total for r, (local, total) in enumerate(shares)},
+                },
+                step=0,
+            )
+
+    def _setup_data(self) -> None:
+        d = self.cfg.data
+        if d.path == "builtin":
+            train_prompts, heldout = task.split_prompts(d.builtin.seed)
+            n_eval = max(1, int(d.builtin.num_prompts * d.eval_fraction))
+            train = self._builtin_pairs(task.preference_pairs(d.builtin.num_prompts, d.builtin.seed, train_prompts))
+            evals = self._builtin_pairs(task.preference_pairs(n_eval, d.builtin.seed + 1, heldout))
+        else:
+            train, _ = load_preferences(d.path, d.format, on_error=d.on_error, split=d.split)
+            if d.eval_path is not None:
+                evals, _ = load_preferences(d.eval_path, d.format, on_error=d.on_error, split=d.split)
+            else:
+                train, evals = split_train_eval(train, d.eval_fraction, d.shuffle_seed)
+        self.num_too_long = 0
+        self.train_pairs, self.train_set = self._encode(train)
+        self.eval_pairs, self.eval_set = self._encode(evals)
+        if self.num_too_long:
+            log.warning("data: %d pairs skipped: a reply alone is longer than data.max_len=%d", self.num_too_long, d.max_len)
+        t = self.cfg.train
+        self.batches = GlobalBatches(len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed)
+        log.info("data: %d train pairs, %d eval pairs", len(self.train_set), len(self.eval_set))
+
+    @staticmethod
+    def _builtin_pairs(pairs: list[task.BuiltinPair]) -> list[PreferencePair]:
+        return [PreferencePair((Message("user", p.prompt),), p.chosen, p.rejected, 0.0, f"builtin:{i}") for i, p in enumerate(pairs)]
+
+    def _encode(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[EncodedPair]]:
+        kept, encoded = [], []
+        for p in pairs:
+            chosen, rejected = self._encode_reply(p.prompt, p.chosen), self._encode_reply(p.prompt, p.rejected)
+            if chosen is None or rejected is None:
+                self.num_too_long += 1
+                continue
+            kept.append(p)
+            encoded.append(EncodedPair(chosen, rejected, p.margin if self.cfg.loss.use_margin else 0.0))
+        return kept, encoded
+
+    def _encode_reply(self, prompt: tuple[Message, ...], reply: str) -> list[int] | None:
+        """Prompt + reply + EOS, cutting the prompt from the left if needed: the scored end is always kept."""
+        enc = self.formatter.encode(Conversation((*prompt, Message("assistant", reply))), max_len=10**9)
+        ids, max_len = enc.input_ids, self.cfg.data.max_len
+        reply_len = sum(label != -100 for label in enc.labels)
+        if reply_len >= max_len:
+            return None
+        return ids[-max_len:]
+
+    def _setup_model(self) -> None:
+        cfg, t, o, z = self.cfg, self.cfg.train, self.cfg.optim, self.cfg.deepspeed
+        self.ds_config = ds.build_config(
+            stage=z.stage, offload_optimizer=z.offload_optimizer, offload_param=z.offload_param,
+            extra=OmegaConf.to_container(z.extra), micro_batch_size_per_device=t.micro_batch_size_per_device,
+            grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size, precision=t.precision,
+            grad_clip=o.grad_clip, lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+        )  # fmt: skip
+        self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
+        model = models.load_model(
+            cfg.model.name_or_path, OmegaConf.to_container(cfg.model.arch), self.tokenizer, t.precision, head="score",
+            trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision,
+        )  # fmt: skip
+        if cfg.peft.type == "lora":
+            model = models.add_lora(model, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules, "SEQ_CLS")
+        elif cfg.peft.type != "none":
+            raise models.ModelError(f"peft.type must be none or lora, got {cfg.peft.type!r}")
+        if cfg.model.gradient_checkpointing:
+            models.enable_gradient_checkpointing(model)
+        self.engine = ds.train_engine(
+            model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+            total_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
+        )  # fmt: skip
+        self.head = models.score_head(self.engine.module)
+
+    # ------------------------------------------------------------------ train
+
+    def rewards(self, pairs: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B], margin [B]) rewards of a micro-batch of pairs."""
+        ids, mask, margin = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        values = models.token_scores(self.engine, self.head, ids, mask)  # [2B, T]
+        scores = values.gather(1, models.last_index(mask)[:, None]).squeeze(1)  # [2B]
+        chosen, rejected = scores.chunk(2)
+        return chosen, rejected, margin.to(self.device)
+
+    def train(self) -> None:
+        t, center = self.cfg.train, self.cfg.loss.center_coef
+        while self.step < t.max_steps:
+            start = time.perf_counter()
+            loss_sum = acc_sum = 0.0
+            micro = self.batches.micro_batches(self.step, dist.rank())
+            for idx in micro:
+                chosen, rejected, margin = self.rewards([self.train_set[i] for i in idx])
+                loss = preference_loss(chosen, rejected, margin)
+                if center > 0:
+                    loss = loss + center * centering_penalty(chosen, rejected)
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.item()
+                acc_sum += accuracy(chosen, rejected).item()
+            self.step += 1
+            metrics = {"time/step_s": time.perf_counter() - start}
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                loss_sum, acc_sum = dist.all_reduce_sum([loss_sum, acc_sum], self.device)
+                n = len(micro) * dist.world_size()
+                metrics |= {
+                    "train/loss": loss_sum / n,
+                    "train/accuracy": acc_sum / n,
+                    "train/lr": self.engine.get_lr()[0],
+                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "train/epoch": self.step / self.batches.steps_per_epoch,
+                }
+            final = self.step == t.max_steps
+            if (t.eval_every and self.step % t.eval_every == 0) or final:
+                metrics |= self.evaluate(final=final)
+            if len(metrics) > 1:
+                self.logger.log(metrics, self.step)
+            self.logger.advance(self.step)
+            if (t.save_every and self.step % t.save_every == 0) or final:
+                checkpoint.save_checkpoint(self.engine, self.run_dir, self.step, {"stage": "reward"}, t.keep_checkpoints)
+        self.export()
+
+    @torch.no_grad()
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Accuracy, mean rewards and margin on the eval pairs (all of them when final)."""
+        t, world, rank = self.cfg.train, dist.world_size(), dist.rank()
+        self.engine.eval()
+        micro = t.micro_batch_size_per_device
+        n_batches = math.ceil(len(self.eval_set) / (micro * world))
+        if t.eval_batches and not final:
+            n_batches = min(n_batches, t.eval_batches)
+        chosen_all, rejected_all, index_all = [], [], []
+        for k in range(n_batches):  # the same number of forwards on every rank (ZeRO-3 gathers collectively)
+            lo = (k * world + rank) * micro
+            idx = list(range(lo, min(lo + micro, len(self.eval_set)))) or [0]
+            chosen, rejected, _ = self.rewards([self.eval_set[i] for i in idx])
+            if lo < len(self.eval_set):
+                chosen_all += chosen.tolist()
+                rejected_all += rejected.tolist()
+                index_all += idx
+        self.engine.train()
+        gathered = dist.all_gather_object((chosen_all, rejected_all, index_all))
+        chosen = torch.tensor([c for g in gathered for c in g[0]])
+        rejected = torch.tensor([r for g in gathered for r in g[1]])
+        index = [i for g in gathered for i in g[2]]
+        metrics = {
+            "eval/accuracy": accuracy(chosen, rejected).item(),
+            "eval/reward_chosen": chosen.mean().item(),
+            "eval/reward_rejected": rejected.mean().item(),
+            "eval/margin": (chosen - rejected).mean().item(),
+        }
+        if self.cfg.data.path == "builtin":  # agreement with the noise-free gold judge
+            agree = []
+            for c, r, i in zip(chosen.tolist(), rejected.tolist(), index):
+                p = self.eval_pairs[i]
+                gold_c, gold_r = task.gold_score(p.prompt[-1].content, p.chosen), task.gold_score(p.prompt[-1].content, p.rejected)
+                agree.append((c > r) == (gold_c > gold_r))
+            metrics["eval/gold_accuracy"] = statistics.mean(agree)
+        if final:
+            scores = torch.cat([chosen, rejected])
+            self.reward_stats = {"mean": scores.mean().item(), "std": scores.std().item(), "count": scores.numel()}
+        return metrics
+
+    # ------------------------------------------------------------------ save
+
+    def export(self) -> None:
+        if self.reward_stats is None:
+            self.evaluate(final=True)
+        info = {"stage": "reward", "step": self.step, "peft": self.cfg.peft.type}
+        extra = {REWARD_STATS: json.dumps(self.reward_stats, indent=2)}
+        checkpoint.export_model(self.engine, self.tokenizer, self.run_dir / "export",
+                                merge_lora=self.cfg.peft.merge_on_export, info=info, extra_files=extra)  # fmt: skip
+
+    def cleanup(self) -> None:
+        self.logger.close()
