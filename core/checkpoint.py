@@ -124,7 +124,13 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
 
 
 def export_model(
-    engine, tokenizer, out_dir: Path, *, merge_lora: bool, info: dict[str, Any], extra_files: dict[str, str] | None = None
+    engine,
+    tokenizer,
+    out_dir: Path,
+    *,
+    merge_lora: bool,
+    info: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write the trained model in Hugging Face format to `out_dir` (collective; rank 0 writes).
 

@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +154,9 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_scores(model, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(
+    model, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """The scalar head applied at every position: values [B, T] (float32).
 
     `model` is the callable (a DeepSpeed engine or the module), `head` its `score` layer. The
@@ -164,7 +172,9 @@ def score_head(model: torch.nn.Module) -> torch.nn.Module:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     head = getattr(base, "score", None)
     if head is None:
-        raise ModelError(f"{type(base).__name__} has no `score` head; the reward model must be a sequence classifier")
+        raise ModelError(
+            f"{type(base).__name__} has no `score` head; the reward model must be a sequence classifier"
+        )
     return head
 
 

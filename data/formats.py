@@ -340,7 +340,9 @@ class SkippedRecord(DataError):
     """A record that is valid but useless (identical or empty replies): always counted and skipped."""
 
 
-def _make_pair(prompt: tuple[Message, ...], chosen: str, rejected: str, row: dict, where: str) -> PreferencePair:
+def _make_pair(
+    prompt: tuple[Message, ...], chosen: str, rejected: str, row: dict, where: str
+) -> PreferencePair:
     if not chosen.strip() or not rejected.strip():
         raise SkippedRecord(f"{where}: empty response")
     if chosen.strip() == rejected.strip():
@@ -381,7 +383,9 @@ def _reply_text(row: dict, key: str, where: str) -> str:
 
 def _pairwise(row: dict, where: str) -> list[PreferencePair]:
     prompt = _prompt_messages(row, where)
-    return [_make_pair(prompt, _reply_text(row, "chosen", where), _reply_text(row, "rejected", where), row, where)]
+    return [
+        _make_pair(prompt, _reply_text(row, "chosen", where), _reply_text(row, "rejected", where), row, where)
+    ]
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -398,24 +402,34 @@ def split_hh(chosen: str, rejected: str, where: str) -> tuple[tuple[Message, ...
     common = os.path.commonprefix([chosen, rejected])
     cut = common.rfind(_HH_ASSISTANT)
     if cut < 0:
-        raise DataError(f"{where}: 'chosen' and 'rejected' share no '\\n\\nHuman: ... \\n\\nAssistant:' prefix")
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' share no '\\n\\nHuman: ... \\n\\nAssistant:' prefix"
+        )
     prompt_text, start = chosen[:cut], cut + len(_HH_ASSISTANT)
     parts = _HH_TURN.split(prompt_text)  # ["", "Human", q, "Assistant", a, ..., "Human", q]
     if len(parts) < 3 or parts[0].strip() or parts[-2] != "Human":
-        raise DataError(f"{where}: the dialogue before the compared replies must end with a '\\n\\nHuman:' turn")
+        raise DataError(
+            f"{where}: the dialogue before the compared replies must end with a '\\n\\nHuman:' turn"
+        )
     roles = {"Human": "user", "Assistant": "assistant"}
     messages = tuple(Message(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2))
     return messages, chosen[start:].strip(), rejected[start:].strip()
 
 
 def _hh(row: dict, where: str) -> list[PreferencePair]:
-    prompt, chosen, rejected = split_hh(require_str(row, "chosen", where), require_str(row, "rejected", where), where)
+    prompt, chosen, rejected = split_hh(
+        require_str(row, "chosen", where), require_str(row, "rejected", where), where
+    )
     return [_make_pair(prompt, chosen, rejected, row, where)]
 
 
 def _sharegpt_pairs(row: dict, where: str) -> list[PreferencePair]:
-    prompt = parse_messages(require_list(row, "conversations", where), where, "conversations", "from", "value")
-    return [_make_pair(prompt, _reply_text(row, "chosen", where), _reply_text(row, "rejected", where), row, where)]
+    prompt = parse_messages(
+        require_list(row, "conversations", where), where, "conversations", "from", "value"
+    )
+    return [
+        _make_pair(prompt, _reply_text(row, "chosen", where), _reply_text(row, "rejected", where), row, where)
+    ]
 
 
 def _ranked(row: dict, where: str) -> list[PreferencePair]:
@@ -428,7 +442,9 @@ def _ranked(row: dict, where: str) -> list[PreferencePair]:
     return _ranked_pairs(prompt, list(zip(ranks, responses)), where)
 
 
-def _ranked_pairs(prompt: tuple[Message, ...], ranked: list[tuple[int, str]], where: str) -> list[PreferencePair]:
+def _ranked_pairs(
+    prompt: tuple[Message, ...], ranked: list[tuple[int, str]], where: str
+) -> list[PreferencePair]:
     pairs = []
     for (ra, a), (rb, b) in itertools.combinations(ranked, 2):
         if ra == rb:
@@ -444,8 +460,14 @@ def _oasst_tree(root: dict, where: str) -> list[PreferencePair]:
 
     def walk(node: dict, history: tuple[Message, ...]) -> None:  # node: a prompter message
         prompt = (*history, Message("user", require_str(node, "text", where)))
-        replies = [r for r in node.get("replies") or [] if r.get("role") == "assistant" and not r.get("deleted")]
-        pairs.extend(_ranked_pairs(prompt, [(r["rank"], r["text"]) for r in replies if isinstance(r.get("rank"), int)], where))
+        replies = [
+            r for r in node.get("replies") or [] if r.get("role") == "assistant" and not r.get("deleted")
+        ]
+        pairs.extend(
+            _ranked_pairs(
+                prompt, [(r["rank"], r["text"]) for r in replies if isinstance(r.get("rank"), int)], where
+            )
+        )
         for reply in replies:
             for child in reply.get("replies") or []:
                 if child.get("role") == "prompter" and not child.get("deleted"):

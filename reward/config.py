@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from core.config import DataConfig, DeepSpeedConfig, LoggerConfig, ModelConfig, OptimConfig, PeftConfig, TrainConfig
+from core.config import (
+    DataConfig,
+    DeepSpeedConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    PeftConfig,
+    TrainConfig,
+)
 
 
 @dataclass

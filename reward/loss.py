@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
-def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+def preference_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
     """chosen, rejected, margin: [B] -> scalar."""
     diff = chosen - rejected
     if margin is not None:

@@ -106,7 +106,9 @@ class RewardRecipe:
         if d.path == "builtin":
             train_prompts, heldout = task.split_prompts(d.builtin.seed)
             n_eval = max(1, int(d.builtin.num_prompts * d.eval_fraction))
-            train = self._builtin_pairs(task.preference_pairs(d.builtin.num_prompts, d.builtin.seed, train_prompts))
+            train = self._builtin_pairs(
+                task.preference_pairs(d.builtin.num_prompts, d.builtin.seed, train_prompts)
+            )
             evals = self._builtin_pairs(task.preference_pairs(n_eval, d.builtin.seed + 1, heldout))
         else:
             train, _ = load_preferences(d.path, d.format, on_error=d.on_error, split=d.split)
@@ -118,19 +120,31 @@ class RewardRecipe:
         self.train_pairs, self.train_set = self._encode(train)
         self.eval_pairs, self.eval_set = self._encode(evals)
         if self.num_too_long:
-            log.warning("data: %d pairs skipped: a reply alone is longer than data.max_len=%d", self.num_too_long, d.max_len)
+            log.warning(
+                "data: %d pairs skipped: a reply alone is longer than data.max_len=%d",
+                self.num_too_long,
+                d.max_len,
+            )
         t = self.cfg.train
-        self.batches = GlobalBatches(len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed)
+        self.batches = GlobalBatches(
+            len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed
+        )
         log.info("data: %d train pairs, %d eval pairs", len(self.train_set), len(self.eval_set))
 
     @staticmethod
     def _builtin_pairs(pairs: list[task.BuiltinPair]) -> list[PreferencePair]:
-        return [PreferencePair((Message("user", p.prompt),), p.chosen, p.rejected, 0.0, f"builtin:{i}") for i, p in enumerate(pairs)]
+        return [
+            PreferencePair((Message("user", p.prompt),), p.chosen, p.rejected, 0.0, f"builtin:{i}")
+            for i, p in enumerate(pairs)
+        ]
 
     def _encode(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[EncodedPair]]:
         kept, encoded = [], []
         for p in pairs:
-            chosen, rejected = self._encode_reply(p.prompt, p.chosen), self._encode_reply(p.prompt, p.rejected)
+            chosen, rejected = (
+                self._encode_reply(p.prompt, p.chosen),
+                self._encode_reply(p.prompt, p.rejected),
+            )
             if chosen is None or rejected is None:
                 self.num_too_long += 1
                 continue
@@ -162,7 +176,9 @@ class RewardRecipe:
             revision=cfg.model.revision,
         )  # fmt: skip
         if cfg.peft.type == "lora":
-            model = models.add_lora(model, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules, "SEQ_CLS")
+            model = models.add_lora(
+                model, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules, "SEQ_CLS"
+            )
         elif cfg.peft.type != "none":
             raise models.ModelError(f"peft.type must be none or lora, got {cfg.peft.type!r}")
         if cfg.model.gradient_checkpointing:
@@ -218,7 +234,9 @@ class RewardRecipe:
                 self.logger.log(metrics, self.step)
             self.logger.advance(self.step)
             if (t.save_every and self.step % t.save_every == 0) or final:
-                checkpoint.save_checkpoint(self.engine, self.run_dir, self.step, {"stage": "reward"}, t.keep_checkpoints)
+                checkpoint.save_checkpoint(
+                    self.engine, self.run_dir, self.step, {"stage": "reward"}, t.keep_checkpoints
+                )
         self.export()
 
     @torch.no_grad()
@@ -254,12 +272,19 @@ class RewardRecipe:
             agree = []
             for c, r, i in zip(chosen.tolist(), rejected.tolist(), index):
                 p = self.eval_pairs[i]
-                gold_c, gold_r = task.gold_score(p.prompt[-1].content, p.chosen), task.gold_score(p.prompt[-1].content, p.rejected)
+                gold_c, gold_r = (
+                    task.gold_score(p.prompt[-1].content, p.chosen),
+                    task.gold_score(p.prompt[-1].content, p.rejected),
+                )
                 agree.append((c > r) == (gold_c > gold_r))
             metrics["eval/gold_accuracy"] = statistics.mean(agree)
         if final:
             scores = torch.cat([chosen, rejected])
-            self.reward_stats = {"mean": scores.mean().item(), "std": scores.std().item(), "count": scores.numel()}
+            self.reward_stats = {
+                "mean": scores.mean().item(),
+                "std": scores.std().item(),
+                "count": scores.numel(),
+            }
         return metrics
 
     # ------------------------------------------------------------------ save

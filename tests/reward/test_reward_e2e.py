@@ -1,0 +1,83 @@
+"""The reward stage end to end: `python -m reward ...` on the built-in task, under the launcher, on real data."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from core.deepspeed import consolidated_fp32_state_dict
+from tests.conftest import deepspeed_launcher, metric_series, read_metrics, run_stage
+
+QUICK = ["logger=none", "train.eval_every=0", "train.log_every=1"]
+
+
+def test_reward_export_loads_as_sequence_classifier_with_stats(tmp_path):
+    run = tmp_path / "rw"
+    run_stage("reward", *QUICK, "train.max_steps=30", "data.builtin.num_prompts=600", f"hydra.run.dir={run}")
+    rows = read_metrics(run)
+    assert {"train/loss", "train/accuracy"} <= rows[-1].keys()
+    final = rows[-1]
+    for key in (
+        "eval/accuracy",
+        "eval/reward_chosen",
+        "eval/reward_rejected",
+        "eval/margin",
+        "eval/gold_accuracy",
+    ):
+        assert key in final
+    assert final["eval/margin"] == pytest.approx(
+        final["eval/reward_chosen"] - final["eval/reward_rejected"], abs=1e-5
+    )
+    stats = json.loads((run / "export" / "reward_stats.json").read_text())
+    assert stats["count"] == 2 * rows[0]["data/eval_pairs"] and stats["std"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(run / "export")
+    tok = AutoTokenizer.from_pretrained(run / "export")
+    assert model.config.num_labels == 1
+    ids = tok(
+        "### Instruction:\nreview the pizza .\n\n### Response:\nthe crust was great .</s>",
+        return_tensors="pt",
+    )
+    assert model(**ids).logits.shape == (1, 1)
+
+
+@pytest.mark.slow
+def test_builtin_reward_model_agrees_with_the_noise_free_gold_judge(tmp_path):
+    run = tmp_path / "rw"
+    run_stage("reward", "logger=none", "train.eval_every=0", f"hydra.run.dir={run}", timeout=900)
+    final = read_metrics(run)[-1]
+    # The issue's target is 0.9; the default reaches 0.899 on 1000 held-out pairs (README). This floor
+    # catches regressions; it is not the target.
+    assert final["eval/gold_accuracy"] >= 0.88, final
+
+
+@pytest.mark.distributed
+def test_zero3_two_ranks_partition_and_export_the_gathered_weights(tmp_path):
+    run = tmp_path / "z3"
+    run_stage("reward", *QUICK, "deepspeed=zero3", "train.max_steps=6", "train.micro_batch_size_per_device=4",
+              "data.builtin.num_prompts=200", f"hydra.run.dir={run}", launcher=deepspeed_launcher(2))  # fmt: skip
+    rows = read_metrics(run)
+    assert rows[0]["zero/param_share_rank0"] == pytest.approx(0.5, abs=0.05)
+    assert rows[0]["zero/param_share_rank1"] == pytest.approx(0.5, abs=0.05)
+    assert len(metric_series(rows, "train/loss")) == 6
+    exported = load_file(run / "export" / "model.safetensors")
+    ckpt = run / "checkpoints"
+    gathered = consolidated_fp32_state_dict(str(ckpt), (ckpt / "latest").read_text().strip())
+    assert "score.weight" in exported
+    for key, value in exported.items():
+        torch.testing.assert_close(value, gathered[key], rtol=0, atol=0)
+
+
+@pytest.mark.shared_data
+def test_hh_rlhf_harmless_with_the_gpt2_tokenizer(shared_data, tmp_path):
+    run = tmp_path / "hh"
+    run_stage("reward", *QUICK, "data=hh_harmless", f"data_root={shared_data}", "model.tokenizer=${data_root}/tokenizers/gpt2",
+              "data.max_len=256", "train.max_steps=5", "train.micro_batch_size_per_device=4", "train.eval_batches=2",
+              f"hydra.run.dir={run}")  # fmt: skip
+    rows = read_metrics(run)
+    assert (
+        rows[0]["data/train_pairs"] + rows[0]["data/too_long"] * 0.9 > 2000
+        and len(metric_series(rows, "train/loss")) == 5
+    )
+    assert (run / "export" / "reward_stats.json").is_file()

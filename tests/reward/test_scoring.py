@@ -1,0 +1,70 @@
+"""The score is read at the last real token (the EOS ending the reply), whatever the padding."""
+
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from core.models import last_index, score_head, token_scores
+from reward.train import EncodedPair, collate_pairs
+
+
+def tiny_scorer(pad_id: int):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_labels=1, pad_token_id=pad_id)  # fmt: skip
+    return LlamaForSequenceClassification(config).eval()
+
+
+def scores(model, pairs, pad_id, side):
+    ids, mask, _ = collate_pairs(pairs, pad_id, padding_side=side)
+    with torch.no_grad():
+        values = token_scores(model, score_head(model), ids, mask)  # [2B, T]
+    return values.gather(1, last_index(mask)[:, None]).squeeze(1), ids, mask
+
+
+def alone(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+EOS = 2
+PAIRS = [
+    EncodedPair([1, 5, 6, 7, EOS], [1, 5, 9, EOS], 0.0),
+    EncodedPair([1, 8, EOS], [1, 8, 10, 11, 12, 13, EOS], 0.0),
+]
+
+
+def test_left_and_right_padding_give_the_unpadded_score():
+    model = tiny_scorer(pad_id=0)
+    right, _, _ = scores(model, PAIRS, 0, "right")
+    left, _, _ = scores(model, PAIRS, 0, "left")
+    expected = [alone(model, p.chosen) for p in PAIRS] + [alone(model, p.rejected) for p in PAIRS]
+    torch.testing.assert_close(right, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def unpadded_end_score(model, ids):
+    mask = torch.ones(1, len(ids), dtype=torch.bool)
+    with torch.no_grad():
+        return token_scores(model, score_head(model), torch.tensor([ids]), mask)[0, -1].item()
+
+
+def test_pad_equal_to_eos_still_scores_at_the_real_eos():
+    model = tiny_scorer(pad_id=EOS)  # padding with the EOS id
+    got, ids, mask = scores(model, PAIRS, EOS, "right")
+    idx = last_index(mask)
+    assert (ids.gather(1, idx[:, None]).squeeze(1) == EOS).all()
+    assert idx.tolist() == [4, 2, 3, 6]  # each row's real EOS, not the first EOS-valued pad
+    expected = [unpadded_end_score(model, p.chosen) for p in PAIRS] + [
+        unpadded_end_score(model, p.rejected) for p in PAIRS
+    ]
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    # the trap this avoids: pooling by "last token that is not the pad id" skips the real EOS
+    assert abs(alone(model, PAIRS[0].chosen) - expected[0]) > 1e-4
+    left, _, _ = scores(model, PAIRS, EOS, "left")
+    torch.testing.assert_close(left, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_collate_pairs_layout():
+    ids, mask, margin = collate_pairs([EncodedPair([1, 2], [1, 2, 3], 0.5)], pad_id=0)
+    assert ids.tolist() == [[1, 2, 0], [1, 2, 3]] and mask.tolist() == [[True, True, False], [True] * 3]
+    assert margin.tolist() == [0.5]
