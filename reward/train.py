@@ -95,7 +95,7 @@ class RewardRecipe:
                 {
                     "data/train_pairs": len(self.train_set),
                     "data/eval_pairs": len(self.eval_set),
-                    "data/too_long": self.num_too_long,
+                    "data/truncated": self.num_truncated,
                     **{f"zero/param_share_rank{r}": local / total for r, (local, total) in enumerate(shares)},
                 },
                 step=0,
@@ -116,15 +116,11 @@ class RewardRecipe:
                 evals, _ = load_preferences(d.eval_path, d.format, on_error=d.on_error, split=d.split)
             else:
                 train, evals = split_train_eval(train, d.eval_fraction, d.shuffle_seed)
-        self.num_too_long = 0
+        self.num_truncated = 0
         self.train_pairs, self.train_set = self._encode(train)
         self.eval_pairs, self.eval_set = self._encode(evals)
-        if self.num_too_long:
-            log.warning(
-                "data: %d pairs skipped: a reply alone is longer than data.max_len=%d",
-                self.num_too_long,
-                d.max_len,
-            )
+        if self.num_truncated:
+            log.warning("data: %d sequences over data.max_len=%d cut from the left", self.num_truncated, d.max_len)
         t = self.cfg.train
         self.batches = GlobalBatches(
             len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed
@@ -139,27 +135,19 @@ class RewardRecipe:
         ]
 
     def _encode(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[EncodedPair]]:
-        kept, encoded = [], []
+        encoded = []
         for p in pairs:
-            chosen, rejected = (
-                self._encode_reply(p.prompt, p.chosen),
-                self._encode_reply(p.prompt, p.rejected),
-            )
-            if chosen is None or rejected is None:
-                self.num_too_long += 1
-                continue
-            kept.append(p)
+            chosen, rejected = self._encode_reply(p.prompt, p.chosen), self._encode_reply(p.prompt, p.rejected)
             encoded.append(EncodedPair(chosen, rejected, p.margin if self.cfg.loss.use_margin else 0.0))
-        return kept, encoded
+        return list(pairs), encoded
 
-    def _encode_reply(self, prompt: tuple[Message, ...], reply: str) -> list[int] | None:
-        """Prompt + reply + EOS, cutting the prompt from the left if needed: the scored end is always kept."""
-        enc = self.formatter.encode(Conversation((*prompt, Message("assistant", reply))), max_len=10**9)
-        ids, max_len = enc.input_ids, self.cfg.data.max_len
-        reply_len = sum(label != -100 for label in enc.labels)
-        if reply_len >= max_len:
-            return None
-        return ids[-max_len:]
+    def _encode_reply(self, prompt: tuple[Message, ...], reply: str) -> list[int]:
+        """Prompt + reply + EOS, cut from the left to data.max_len: the scored end (the EOS) is always kept."""
+        ids = self.formatter.encode(Conversation((*prompt, Message("assistant", reply))), max_len=10**9).input_ids
+        if len(ids) > self.cfg.data.max_len:
+            self.num_truncated += 1
+            return ids[-self.cfg.data.max_len :]
+        return ids
 
     def _setup_model(self) -> None:
         cfg, t, o, z = self.cfg, self.cfg.train, self.cfg.optim, self.cfg.deepspeed
