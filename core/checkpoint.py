@@ -120,6 +120,17 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+def resume(engine, run_dir: Path) -> int:
+    """Restore the newest complete checkpoint of `run_dir` into `engine`; returns its step (0 if none)."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        log.warning("resume: no complete checkpoint in %s; starting from step 0", run_dir)
+        return 0
+    step = load_checkpoint(engine, found)["step"]
+    log.info("resume: continuing from %s (step %d)", found, step)
+    return step
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -125,3 +125,24 @@ class TrainConfig:
     keep_checkpoints: int = MISSING
     # Continue from the newest complete checkpoint in <run dir>/checkpoints.
     resume: bool = MISSING
+
+
+def plain(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (dicts and lists stay as they are)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+@dataclass
+class StageConfig:
+    """The groups every training stage composes (conf/<stage>.yaml lists them)."""
+
+    data_root: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

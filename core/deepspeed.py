@@ -19,6 +19,7 @@ from transformers import get_scheduler
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from core import dist
+from core.config import plain
 from core.models import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,16 @@ def build_config(
         "wall_clock_breakdown": False,
     }
     return _merge(config, dict(extra))
+
+
+def config_from_groups(zero, train, optim) -> dict[str, Any]:
+    """`build_config` from a stage's `deepspeed`, `train` and `optim` groups."""
+    return build_config(
+        stage=zero.stage, offload_optimizer=zero.offload_optimizer, offload_param=zero.offload_param,
+        extra=plain(zero.extra), micro_batch_size_per_device=train.micro_batch_size_per_device,
+        grad_accum_steps=train.grad_accum_steps, global_batch_size=train.global_batch_size, precision=train.precision,
+        grad_clip=optim.grad_clip, lr=optim.lr, betas=list(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+    )  # fmt: skip
 
 
 def _init_comm() -> None:
@@ -218,6 +229,12 @@ def partition_numel(module: torch.nn.Module) -> tuple[int, int]:
             local += p.numel()
             total += p.numel()
     return local, total
+
+
+def partition_shares(module: torch.nn.Module) -> list[float]:
+    """Share of the model's parameter elements each rank stores, indexed by rank (collective)."""
+    local, total = partition_numel(module)
+    return dist.all_gather_object(local / max(total, 1))
 
 
 @contextlib.contextmanager

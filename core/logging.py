@@ -127,6 +127,17 @@ class MetricsLogger:
             mininterval=1 if sys.stderr.isatty() else 30,
         )
 
+    @classmethod
+    def from_group(
+        cls, run_dir: Path, logger_cfg, config: dict[str, Any], total_steps: int, job_type: str
+    ) -> MetricsLogger:
+        """From a stage's `logger` group; `job_type` applies when the group leaves it null."""
+        return cls(
+            run_dir, backend=logger_cfg.backend, config=config, project=logger_cfg.project, entity=logger_cfg.entity,
+            group=logger_cfg.group, name=logger_cfg.name, mode=logger_cfg.mode, job_type=logger_cfg.job_type or job_type,
+            tags=list(logger_cfg.tags), total_steps=total_steps,
+        )  # fmt: skip
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return

@@ -19,6 +19,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from core.config import plain  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
@@ -199,6 +201,28 @@ def add_lora(
         model = get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"peft.target_modules: {e}") from None
+    return model
+
+
+def build_model(model_cfg, peft_cfg, tokenizer, precision: str, *, head: str) -> PreTrainedModel:
+    """The trainable model of a stage from its `model` and `peft` groups: load, LoRA, checkpointing.
+
+    Call inside `core.deepspeed.model_init(...)`.
+    """
+    model = load_model(
+        model_cfg.name_or_path, plain(model_cfg.arch), tokenizer, precision, head=head,
+        trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
+        revision=model_cfg.revision,
+    )  # fmt: skip
+    if peft_cfg.type == "lora":
+        task_type = {"lm": "CAUSAL_LM", "score": "SEQ_CLS"}[head]
+        model = add_lora(
+            model, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.target_modules, task_type
+        )
+    elif peft_cfg.type != "none":
+        raise ModelError(f"peft.type must be none or lora, got {peft_cfg.type!r}")
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 

@@ -246,15 +246,17 @@ def detect_format(row: Any, where: str, known: dict[str, Any]) -> str:
 def load_records(
     paths: str | list[str],
     fmt: str | None,
-    parsers: dict[str, Callable[[dict[str, Any], str], Any]],
+    parsers: dict[str, Callable[[dict[str, Any], str], list[Any]]],
+    detect: Callable[[Any, str], str],
     *,
     on_error: str = "raise",
     split: str = "train",
 ) -> tuple[list[Any], LoadReport]:
-    """Parse every row of every path with the parser of `fmt` (auto-detected when None).
+    """Parse every row of every path with the parser of `fmt` (found by `detect` when None).
 
-    Each parser returns a record or raises DataError; on_error="skip" counts and skips those.
-    Returns (records, report). Raises DataError if nothing at all was usable.
+    A parser returns the row's records or raises DataError. SkippedRecord (valid but useless,
+    e.g. identical replies) is always counted and skipped; other errors raise unless
+    on_error="skip". Returns (records, report); raises DataError if nothing was usable.
     """
     if on_error not in ("raise", "skip"):
         raise DataError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -266,11 +268,11 @@ def load_records(
         path_fmt = fmt
         for lineno, row in iter_rows(str(path), split):
             where = f"{path}:{lineno}"
-            path_fmt = path_fmt or detect_format(row, where, parsers)
+            path_fmt = path_fmt or detect(row, where)
             try:
-                records.append(parsers[path_fmt](row, where))
+                records.extend(parsers[path_fmt](row, where))
             except DataError as e:
-                if on_error == "raise":
+                if on_error == "raise" and not isinstance(e, SkippedRecord):
                     raise
                 # the reason without the location, so the counts group by cause
                 report.skipped[str(e).split(": ", 1)[-1]] += 1
@@ -286,15 +288,15 @@ def load_records(
 
 def load_conversations(
     paths: str | list[str], fmt: str | None, *, on_error: str = "raise", split: str = "train"
-):
+) -> tuple[list[Conversation], LoadReport]:
     """SFT demonstrations -> (list[Conversation], LoadReport)."""
 
-    def parse(name: str) -> Callable[[dict[str, Any], str], Conversation]:
-        return lambda row, where: Conversation(SFT_FORMATS[name](row, where), where)
+    def parse(name: str) -> Callable[[dict[str, Any], str], list[Conversation]]:
+        return lambda row, where: [Conversation(SFT_FORMATS[name](row, where), where)]
 
-    return load_records(
-        paths, fmt, {name: parse(name) for name in SFT_FORMATS}, on_error=on_error, split=split
-    )
+    parsers = {name: parse(name) for name in SFT_FORMATS}
+    detect = lambda row, where: detect_format(row, where, parsers)  # noqa: E731
+    return load_records(paths, fmt, parsers, detect, on_error=on_error, split=split)
 
 
 def split_train_eval(records: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -505,31 +507,7 @@ def detect_preference_format(row: Any, where: str) -> str:
 def load_preferences(
     paths: str | list[str], fmt: str | None, *, on_error: str = "raise", split: str = "train"
 ) -> tuple[list[PreferencePair], LoadReport]:
-    """Preference records -> (flat list of PreferencePair, LoadReport).
-
-    Identical or empty replies are always counted and skipped; other problems raise unless
-    on_error="skip".
-    """
-    if on_error not in ("raise", "skip"):
-        raise DataError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-    if fmt is not None and fmt not in PREFERENCE_FORMATS:
-        raise DataError(f"data.format={fmt!r} is not one of {sorted(PREFERENCE_FORMATS)}")
-    pairs: list[PreferencePair] = []
-    report = LoadReport()
-    for path in [paths] if isinstance(paths, str) else list(paths):
-        path_fmt = fmt
-        for lineno, row in iter_rows(str(path), split):
-            where = f"{path}:{lineno}"
-            path_fmt = path_fmt or detect_preference_format(row, where)
-            try:
-                pairs.extend(PREFERENCE_FORMATS[path_fmt](row, where))
-            except DataError as e:
-                if on_error == "raise" and not isinstance(e, SkippedRecord):
-                    raise
-                report.skipped[str(e).split(": ", 1)[-1]] += 1
-    report.kept = len(pairs)
-    if report.skipped:
-        log.warning("data: %s", report.summary())
-    if not pairs:
-        raise DataError(f"{paths}: no usable preference pairs ({report.summary()})")
-    return pairs, report
+    """Preference records -> (flat list of PreferencePair, LoadReport); identical or empty replies are skipped."""
+    return load_records(
+        paths, fmt, PREFERENCE_FORMATS, detect_preference_format, on_error=on_error, split=split
+    )

@@ -10,15 +10,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from core.config import (
-    DataConfig,
-    DeepSpeedConfig,
-    LoggerConfig,
-    ModelConfig,
-    OptimConfig,
-    PeftConfig,
-    TrainConfig,
-)
+from core.config import StageConfig
 
 
 @dataclass
@@ -30,15 +22,7 @@ class RewardLossConfig:
 
 
 @dataclass
-class RewardConfig:
-    data_root: str = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class RewardConfig(StageConfig):
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
 
 

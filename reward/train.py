@@ -75,28 +75,28 @@ class RewardRecipe:
         )
         self.formatter = PromptFormatter(self.tokenizer, **cfg.data.template)
         self._setup_data()
-        self._setup_model()
-        self.logger = MetricsLogger(
-            self.run_dir,
-            config=OmegaConf.to_container(cfg, resolve=True),
-            total_steps=cfg.train.max_steps,
-            **{k: v for k, v in cfg.logger.items() if k != "job_type"},
-            job_type=cfg.logger.job_type or "reward",
+        self.ds_config = ds.config_from_groups(cfg.deepspeed, cfg.train, cfg.optim)
+        self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
+        model = models.build_model(cfg.model, cfg.peft, self.tokenizer, cfg.train.precision, head="score")
+        o = cfg.optim
+        self.engine = ds.train_engine(model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+                                      total_steps=cfg.train.max_steps, min_lr_ratio=o.min_lr_ratio)  # fmt: skip
+        self.head = models.score_head(self.engine.module)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        self.logger = MetricsLogger.from_group(
+            self.run_dir, cfg.logger, config, cfg.train.max_steps, job_type="reward"
         )
         if cfg.train.resume:
-            found = checkpoint.latest_checkpoint(self.run_dir)
-            if found is not None:
-                self.step = checkpoint.load_checkpoint(self.engine, found)["step"]
-                self.logger.rewind(self.step)
-                log.info("resume: continuing from %s (step %d)", found, self.step)
-        shares = dist.all_gather_object(ds.partition_numel(self.engine.module))
+            self.step = checkpoint.resume(self.engine, self.run_dir)
+            self.logger.rewind(self.step)
+        shares = ds.partition_shares(self.engine.module)
         if self.step == 0:
             self.logger.log(
                 {
                     "data/train_pairs": len(self.train_set),
                     "data/eval_pairs": len(self.eval_set),
                     "data/truncated": self.num_truncated,
-                    **{f"zero/param_share_rank{r}": local / total for r, (local, total) in enumerate(shares)},
+                    **{f"zero/param_share_rank{r}": share for r, share in enumerate(shares)},
                 },
                 step=0,
             )
@@ -120,7 +120,9 @@ class RewardRecipe:
         self.train_pairs, self.train_set = self._encode(train)
         self.eval_pairs, self.eval_set = self._encode(evals)
         if self.num_truncated:
-            log.warning("data: %d sequences over data.max_len=%d cut from the left", self.num_truncated, d.max_len)
+            log.warning(
+                "data: %d sequences over data.max_len=%d cut from the left", self.num_truncated, d.max_len
+            )
         t = self.cfg.train
         self.batches = GlobalBatches(
             len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed
@@ -137,45 +139,22 @@ class RewardRecipe:
     def _encode(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[EncodedPair]]:
         encoded = []
         for p in pairs:
-            chosen, rejected = self._encode_reply(p.prompt, p.chosen), self._encode_reply(p.prompt, p.rejected)
+            chosen, rejected = (
+                self._encode_reply(p.prompt, p.chosen),
+                self._encode_reply(p.prompt, p.rejected),
+            )
             encoded.append(EncodedPair(chosen, rejected, p.margin if self.cfg.loss.use_margin else 0.0))
         return list(pairs), encoded
 
     def _encode_reply(self, prompt: tuple[Message, ...], reply: str) -> list[int]:
         """Prompt + reply + EOS, cut from the left to data.max_len: the scored end (the EOS) is always kept."""
-        ids = self.formatter.encode(Conversation((*prompt, Message("assistant", reply))), max_len=10**9).input_ids
+        ids = self.formatter.encode(
+            Conversation((*prompt, Message("assistant", reply))), max_len=10**9
+        ).input_ids
         if len(ids) > self.cfg.data.max_len:
             self.num_truncated += 1
             return ids[-self.cfg.data.max_len :]
         return ids
-
-    def _setup_model(self) -> None:
-        cfg, t, o, z = self.cfg, self.cfg.train, self.cfg.optim, self.cfg.deepspeed
-        self.ds_config = ds.build_config(
-            stage=z.stage, offload_optimizer=z.offload_optimizer, offload_param=z.offload_param,
-            extra=OmegaConf.to_container(z.extra), micro_batch_size_per_device=t.micro_batch_size_per_device,
-            grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size, precision=t.precision,
-            grad_clip=o.grad_clip, lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-        )  # fmt: skip
-        self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
-        model = models.load_model(
-            cfg.model.name_or_path, OmegaConf.to_container(cfg.model.arch), self.tokenizer, t.precision, head="score",
-            trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-            revision=cfg.model.revision,
-        )  # fmt: skip
-        if cfg.peft.type == "lora":
-            model = models.add_lora(
-                model, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules, "SEQ_CLS"
-            )
-        elif cfg.peft.type != "none":
-            raise models.ModelError(f"peft.type must be none or lora, got {cfg.peft.type!r}")
-        if cfg.model.gradient_checkpointing:
-            models.enable_gradient_checkpointing(model)
-        self.engine = ds.train_engine(
-            model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
-            total_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
-        )  # fmt: skip
-        self.head = models.score_head(self.engine.module)
 
     # ------------------------------------------------------------------ train
 

@@ -6,32 +6,16 @@ defaults, so every value from conf/ is type-checked against these dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
-from core.config import (
-    DataConfig,
-    DeepSpeedConfig,
-    LoggerConfig,
-    ModelConfig,
-    OptimConfig,
-    PeftConfig,
-    TrainConfig,
-)
+from core.config import StageConfig
 
 
 @dataclass
-class SFTConfig:
-    data_root: str = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class SFTConfig(StageConfig):
+    """The shared stage groups; SFT adds nothing of its own yet."""
 
 
 ConfigStore.instance().store(name="sft_schema", node=SFTConfig)

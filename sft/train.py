@@ -47,25 +47,23 @@ class SFTRecipe:
         )
         self.formatter = PromptFormatter(self.tokenizer, **cfg.data.template)
         self._setup_data()
-        self._setup_model()
-        self.logger = MetricsLogger(
-            self.run_dir,
-            config=OmegaConf.to_container(cfg, resolve=True),
-            total_steps=cfg.train.max_steps,
-            **{k: v for k, v in cfg.logger.items() if k != "job_type"},
-            job_type=cfg.logger.job_type or "sft",
+        self.ds_config = ds.config_from_groups(cfg.deepspeed, cfg.train, cfg.optim)
+        self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
+        model = models.build_model(cfg.model, cfg.peft, self.tokenizer, cfg.train.precision, head="lm")
+        o = cfg.optim
+        self.engine = ds.train_engine(model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
+                                      total_steps=cfg.train.max_steps, min_lr_ratio=o.min_lr_ratio)  # fmt: skip
+        config = OmegaConf.to_container(cfg, resolve=True)
+        self.logger = MetricsLogger.from_group(
+            self.run_dir, cfg.logger, config, cfg.train.max_steps, job_type="sft"
         )
         if cfg.train.resume:
-            self._resume()
-        local, total = ds.partition_numel(self.engine.module)
-        shares = dist.all_gather_object(local / max(total, 1))
+            self.step = checkpoint.resume(self.engine, self.run_dir)
+            self.logger.rewind(self.step)
+        shares = ds.partition_shares(self.engine.module)
         trainable, n_params = models.count_parameters(self.engine.module)
-        log.info(
-            "model: %.2fM parameters, %.2fM trainable; this rank stores %.0f%%",
-            n_params / 1e6,
-            trainable / 1e6,
-            100 * shares[dist.rank()],
-        )
+        log.info("model: %.2fM parameters, %.2fM trainable; this rank stores %.0f%%",
+                 n_params / 1e6, trainable / 1e6, 100 * shares[dist.rank()])  # fmt: skip
         if self.step == 0:
             self.logger.log(
                 {
@@ -75,7 +73,7 @@ class SFTRecipe:
                     "data/truncated_frac": self.num_truncated / max(self.num_encoded, 1),
                     "model/params": n_params,
                     "model/trainable_params": trainable,
-                    **{f"zero/param_share_rank{r}": s for r, s in enumerate(shares)},
+                    **{f"zero/param_share_rank{r}": share for r, share in enumerate(shares)},
                 },
                 step=0,
             )
@@ -122,42 +120,6 @@ class SFTRecipe:
             if any(label != -100 for label in enc.labels[1:]):  # a cut that removed every target is useless
                 out.append(enc)
         return out
-
-    def _setup_model(self) -> None:
-        cfg, t, o, z = self.cfg, self.cfg.train, self.cfg.optim, self.cfg.deepspeed
-        self.ds_config = ds.build_config(
-            stage=z.stage, offload_optimizer=z.offload_optimizer, offload_param=z.offload_param,
-            extra=OmegaConf.to_container(z.extra), micro_batch_size_per_device=t.micro_batch_size_per_device,
-            grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size, precision=t.precision,
-            grad_clip=o.grad_clip, lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-        )  # fmt: skip
-        self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
-        model = models.load_model(
-            cfg.model.name_or_path, OmegaConf.to_container(cfg.model.arch), self.tokenizer, t.precision,
-            trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-            revision=cfg.model.revision,
-        )  # fmt: skip
-        if cfg.peft.type == "lora":
-            model = models.add_lora(
-                model, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules, "CAUSAL_LM"
-            )
-        elif cfg.peft.type != "none":
-            raise models.ModelError(f"peft.type must be none or lora, got {cfg.peft.type!r}")
-        if cfg.model.gradient_checkpointing:
-            models.enable_gradient_checkpointing(model)
-        self.engine = ds.train_engine(
-            model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
-            total_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
-        )  # fmt: skip
-
-    def _resume(self) -> None:
-        found = checkpoint.latest_checkpoint(self.run_dir)
-        if found is None:
-            log.warning("resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
-            return
-        self.step = checkpoint.load_checkpoint(self.engine, found)["step"]
-        log.info("resume: continuing from %s (step %d)", found, self.step)
-        self.logger.rewind(self.step)
 
     # ------------------------------------------------------------------ train
 

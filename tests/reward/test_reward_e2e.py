@@ -76,6 +76,8 @@ def test_hh_rlhf_harmless_with_the_gpt2_tokenizer(shared_data, tmp_path):
               "data.max_len=256", "train.max_steps=5", "train.micro_batch_size_per_device=4", "train.eval_batches=2",
               f"hydra.run.dir={run}")  # fmt: skip
     rows = read_metrics(run)
-    assert rows[0]["data/train_pairs"] == 2077 and rows[0]["data/eval_pairs"] == 231  # 90 / 10, nothing dropped
+    assert (
+        rows[0]["data/train_pairs"] == 2077 and rows[0]["data/eval_pairs"] == 231
+    )  # 90 / 10, nothing dropped
     assert rows[0]["data/truncated"] > 0 and len(metric_series(rows, "train/loss")) == 5
     assert (run / "export" / "reward_stats.json").is_file()
