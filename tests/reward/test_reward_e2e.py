@@ -81,3 +81,22 @@ def test_hh_rlhf_harmless_with_the_gpt2_tokenizer(shared_data, tmp_path):
     )  # 90 / 10, nothing dropped
     assert rows[0]["data/truncated"] > 0 and len(metric_series(rows, "train/loss")) == 5
     assert (run / "export" / "reward_stats.json").is_file()
+
+
+def test_lora_reward_model_exports_adapter_with_trained_head_and_merged_model(tmp_path):
+    from peft import PeftModel
+
+    run = tmp_path / "lora"
+    run_stage("reward", *QUICK, "peft=lora", "peft.r=4", "peft.merge_on_export=true", "train.max_steps=5",
+              "data.builtin.num_prompts=300", f"hydra.run.dir={run}")  # fmt: skip
+    export = run / "export"
+    adapter = load_file(export / "adapter_model.safetensors")
+    assert any("lora_" in k for k in adapter) and any(
+        "score" in k for k in adapter
+    )  # the new head trains too
+    base = AutoModelForSequenceClassification.from_pretrained(export / "base")
+    peft_model = PeftModel.from_pretrained(base, export).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(export / "merged").eval()
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
