@@ -76,6 +76,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, A
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     ds.save_checkpoint(engine, str(root), tmp.name)
+    tmp.mkdir(parents=True, exist_ok=True)  # ranks that hold no shard (ZeRO-0/1/2, rank > 0) write RNG too
     torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
     dist.barrier()  # every rank's shards are on disk
     final = root / tag

@@ -181,13 +181,13 @@ class SFTRecipe:
         loss_sum = count = 0.0
         for k in range(n_batches):  # same number of forwards on every rank (ZeRO-3 gathers collectively)
             rows = self.eval_set[(k * world + rank) * micro : (k * world + rank + 1) * micro]
-            if not rows:
-                continue
-            b = collate(rows, self.tokenizer.pad_token_id).to(self.device)
+            real = bool(rows)  # a rank past the end still runs a (discarded) forward: ZeRO-3 gathers collectively
+            b = collate(rows or self.eval_set[:1], self.tokenizer.pad_token_id).to(self.device)
             out = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
                               num_items_in_batch=1.0, use_cache=False)  # fmt: skip
-            loss_sum += out.loss.item()
-            count += b.num_targets()
+            if real:
+                loss_sum += out.loss.item()
+                count += b.num_targets()
         loss_sum, count = dist.all_reduce_sum([loss_sum, count], self.device)
         self._log_samples()
         self.engine.train()

@@ -33,6 +33,8 @@ def test_zero3_two_ranks_partition_match_one_process_and_export_gathered_weights
     for (_, a), (_, b) in zip(l1, l2):
         assert a == pytest.approx(b, rel=1e-5)
     assert l2[-1][1] < l2[0][1]
+    (e2,), (e1,) = metric_series(rows2, "eval/loss"), metric_series(rows1, "eval/loss")
+    assert e2[1] == pytest.approx(e1[1], rel=1e-5)
 
     # the export equals the weights DeepSpeed's own zero_to_fp32 rebuilds from both ranks' shards
     exported = load_file(two / "export" / "model.safetensors")
@@ -46,6 +48,30 @@ def test_zero3_two_ranks_partition_match_one_process_and_export_gathered_weights
         torch.testing.assert_close(v, one_export[k], rtol=1e-4, atol=1e-5)
     # only rank 0 wrote Hydra's files and the log
     assert (two / ".hydra" / "config.yaml").is_file() and len(list(two.glob("*.log"))) == 1
+
+
+# DeepSpeed keeps small parameters whole on every rank and gathered ones alive between uses; these make
+# every parameter of the tiny model gathered at each use and released after, as in a large model.
+REAL_GATHERS = [f"++deepspeed.extra.zero_optimization.{key}=0" for key in (
+    "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "stage3_prefetch_bucket_size")]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_uneven_eval_split_does_not_hang_zero3(tmp_path):
+    # 4020 demonstrations -> 201 eval examples: one rank has no rows in the last eval batch but must still
+    # join the collective gathers of that forward (before the fix this hung forever)
+    run, one = tmp_path / "two", tmp_path / "one"
+    common = ["experiment=quick", "deepspeed=zero3", "train.max_steps=1", "train.num_samples=0", "train.eval_batches=0",
+              "data.builtin.num_prompts=4020", *REAL_GATHERS]  # fmt: skip
+    run_stage("sft", *common, "train.micro_batch_size_per_device=2", f"hydra.run.dir={run}",
+              launcher=deepspeed_launcher(2), timeout=240)  # fmt: skip
+    run_stage("sft", *common, "train.micro_batch_size_per_device=4", f"hydra.run.dir={one}")
+    (e2,), (e1,) = (
+        metric_series(read_metrics(run), "eval/loss"),
+        metric_series(read_metrics(one), "eval/loss"),
+    )
+    assert e2[1] == pytest.approx(e1[1], rel=1e-5)  # all 201 examples, counted once
 
 
 def test_lora_under_zero3_saves_an_adapter_peft_loads(tmp_path):
@@ -73,7 +99,11 @@ def test_torchrun_two_processes(tmp_path):
         f"--master_port={free_port()}",
         "-m",
     ]
-    run_stage("sft", "experiment=quick", "train.max_steps=3", "deepspeed=zero2", "train.micro_batch_size_per_device=2",
+    run_stage("sft", "experiment=quick", "train.max_steps=3", "deepspeed=zero0", "train.micro_batch_size_per_device=2",
               f"hydra.run.dir={run}", launcher=torchrun)  # fmt: skip
     assert (run / "export" / "model.safetensors").is_file()
-    assert read_metrics(run)[0]["zero/param_share_rank1"] == 1.0  # ZeRO-2 keeps whole parameters
+    assert read_metrics(run)[0]["zero/param_share_rank1"] == 1.0  # ZeRO-0 keeps whole parameters
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000003").glob("rng_rank*.pt")) == [
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    ]
