@@ -181,9 +181,8 @@ class SFTRecipe:
         loss_sum = count = 0.0
         for k in range(n_batches):  # same number of forwards on every rank (ZeRO-3 gathers collectively)
             rows = self.eval_set[(k * world + rank) * micro : (k * world + rank + 1) * micro]
-            real = bool(
-                rows
-            )  # a rank past the end still runs a (discarded) forward: ZeRO-3 gathers collectively
+            # a rank past the end still runs a (discarded) forward: ZeRO-3 gathers collectively
+            real = bool(rows)
             b = collate(rows or self.eval_set[:1], self.tokenizer.pad_token_id).to(self.device)
             out = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels,
                               num_items_in_batch=1.0, use_cache=False)  # fmt: skip
