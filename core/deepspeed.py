@@ -1,7 +1,7 @@
 """Everything that touches DeepSpeed: its config from the Hydra groups, engines, ZeRO-3 helpers.
 
 No other module imports deepspeed. The stage code sees engines (forward / backward / step),
-a `model_init` context that makes ZeRO-3 partition a model as it is created, and helpers to
+`zero3_init`, which makes ZeRO-3 partition a model as it is created, and helpers to
 gather partitioned weights for saving.
 """
 
@@ -132,24 +132,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-class model_init(contextlib.AbstractContextManager):
-    """Create models inside this context so ZeRO-3 partitions them at construction.
+def zero3_init(ds_config: dict[str, Any]) -> hf_deepspeed.HfDeepSpeedConfig | None:
+    """Register a ZeRO-3 config with transformers, so models created next are partitioned at construction.
 
-    Registers the config with transformers (`HfDeepSpeedConfig`), which then wraps
-    `from_pretrained` / `from_config` in `deepspeed.zero.Init`: no rank ever holds the whole
-    model. The registration must outlive the models (transformers keeps a weak reference and
-    consults it in `generate` and embedding resizing), so keep the returned object.
+    transformers then wraps `from_pretrained` / `from_config` in `deepspeed.zero.Init`: no rank
+    ever holds the whole model. It keeps only a weak reference and consults it again in `generate`
+    and embedding resizing, so the caller must keep the returned object for the models' lifetime.
+    None below stage 3.
     """
-
-    def __init__(self, ds_config: dict[str, Any]):
-        self.hf_config = (
-            hf_deepspeed.HfDeepSpeedConfig(ds_config)
-            if ds_config["zero_optimization"]["stage"] == 3
-            else None
-        )
-
-    def __exit__(self, *exc: object) -> None:
+    if ds_config["zero_optimization"]["stage"] != 3:
         return None
+    return hf_deepspeed.HfDeepSpeedConfig(ds_config)
 
 
 @contextlib.contextmanager
@@ -235,17 +228,6 @@ def partition_shares(module: torch.nn.Module) -> list[float]:
     """Share of the model's parameter elements each rank stores, indexed by rank (collective)."""
     local, total = partition_numel(module)
     return dist.all_gather_object(local / max(total, 1))
-
-
-@contextlib.contextmanager
-def gathered_params(module: torch.nn.Module) -> Iterator[None]:
-    """Temporarily materialise every ZeRO-3 partitioned parameter of `module` (read-only)."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
-    if not params:
-        yield
-        return
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
 
 
 def save_checkpoint(engine, save_dir: str, tag: str) -> None:

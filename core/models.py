@@ -105,7 +105,7 @@ def load_model(
 
     head="lm": a causal LM. head="score": the same backbone with a scalar head (sequence
     classification with one label); from a causal-LM checkpoint (an SFT export) the head is new.
-    Call inside `core.deepspeed.model_init(...)` so ZeRO-3 partitions it as it is created.
+    Call inside `core.deepspeed.zero3_init(...)` so ZeRO-3 partitions it as it is created.
     Embeddings grow to the tokenizer's size when it gained a pad token.
     """
     if head not in HEADS:
@@ -207,7 +207,7 @@ def add_lora(
 def build_model(model_cfg, peft_cfg, tokenizer, precision: str, *, head: str) -> PreTrainedModel:
     """The trainable model of a stage from its `model` and `peft` groups: load, LoRA, checkpointing.
 
-    Call inside `core.deepspeed.model_init(...)`.
+    Call inside `core.deepspeed.zero3_init(...)`.
     """
     model = load_model(
         model_cfg.name_or_path, plain(model_cfg.arch), tokenizer, precision, head=head,

@@ -76,7 +76,7 @@ class RewardRecipe:
         self.formatter = PromptFormatter(self.tokenizer, **cfg.data.template)
         self._setup_data()
         self.ds_config = ds.config_from_groups(cfg.deepspeed, cfg.train, cfg.optim)
-        self.zero_init = ds.model_init(self.ds_config)  # kept: transformers holds only a weak reference
+        self.zero3 = ds.zero3_init(self.ds_config)  # kept alive: transformers holds a weak reference
         model = models.build_model(cfg.model, cfg.peft, self.tokenizer, cfg.train.precision, head="score")
         o = cfg.optim
         self.engine = ds.train_engine(model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
