@@ -171,7 +171,9 @@ class RewardRecipe:
         t, center = self.cfg.train, self.cfg.loss.center_coef
         while self.step < t.max_steps:
             start = time.perf_counter()
-            loss_sum = acc_sum = 0.0
+            sums = torch.zeros(
+                2, device=self.device
+            )  # loss, accuracy: summed on the device, one sync per step
             micro = self.batches.micro_batches(self.step, dist.rank())
             for idx in micro:
                 chosen, rejected, margin = self.rewards([self.train_set[i] for i in idx])
@@ -180,12 +182,11 @@ class RewardRecipe:
                     loss = loss + center * centering_penalty(chosen, rejected)
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.item()
-                acc_sum += accuracy(chosen, rejected).item()
+                sums += torch.stack([loss.detach(), accuracy(chosen, rejected)])
             self.step += 1
             metrics = {"time/step_s": time.perf_counter() - start}
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                loss_sum, acc_sum = dist.all_reduce_sum([loss_sum, acc_sum], self.device)
+                loss_sum, acc_sum = dist.all_reduce_sum(sums.tolist(), self.device)
                 n = len(micro) * dist.world_size()
                 metrics |= {
                     "train/loss": loss_sum / n,

@@ -158,7 +158,9 @@ class SFTRecipe:
         # DeepSpeed divides by the accumulation steps and averages over ranks; dividing each
         # micro-batch's summed loss by this makes the update the mean over all global targets.
         norm = global_targets / (t.grad_accum_steps * dist.world_size())
-        loss_sum = 0.0
+        loss_sum = torch.zeros(
+            (), device=self.device
+        )  # summed on the device: one sync per step, not per micro-batch
         for b in batches:
             out = self.engine(
                 input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
@@ -166,8 +168,8 @@ class SFTRecipe:
             )  # fmt: skip
             self.engine.backward(out.loss)
             self.engine.step()
-            loss_sum += out.loss.item() * norm
-        return loss_sum, float(local_targets)
+            loss_sum += out.loss.detach() * norm
+        return loss_sum.item(), float(local_targets)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
