@@ -1,0 +1,80 @@
+"""GAE, per-token rewards and whitening against plain reference computations."""
+
+import math
+
+import pytest
+import torch
+
+from ppo.advantages import gae, last_valid, masked_mean, masked_whiten, token_rewards
+
+
+def reference_gae(rewards, values, length, gamma, lam):
+    """Textbook GAE for one episode of `length` steps, V = 0 after the end."""
+    adv = [0.0] * length
+    running = 0.0
+    for t in reversed(range(length)):
+        next_v = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_v - values[t]
+        running = delta + gamma * lam * running
+        adv[t] = running
+    return adv
+
+
+def test_gae_matches_a_plain_loop_with_different_lengths():
+    torch.manual_seed(0)
+    lengths = [5, 2, 1, 4]
+    mask = torch.tensor([[t < n for t in range(5)] for n in lengths])
+    rewards = torch.randn(4, 5) * mask
+    values = torch.randn(4, 5)
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    for b, n in enumerate(lengths):
+        expected = reference_gae(rewards[b].tolist(), values[b].tolist(), n, 0.9, 0.8)
+        assert advantages[b, :n].tolist() == pytest.approx(expected, abs=1e-6)
+        assert advantages[b, n:].abs().sum() == 0 and returns[b, n:].abs().sum() == 0
+        assert returns[b, :n].tolist() == pytest.approx(
+            [a + v for a, v in zip(expected, values[b, :n].tolist())], abs=1e-6
+        )
+
+
+def test_gae_by_hand():
+    # one episode of 2 steps: r = [0, 1], V = [0.5, 0.25], gamma = 1, lambda = 0.5
+    # delta_1 = 1 + 0 - 0.25 = 0.75;  delta_0 = 0 + 0.25 - 0.5 = -0.25
+    # A_1 = 0.75;  A_0 = -0.25 + 0.5 * 0.75 = 0.125
+    adv, ret = gae(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.25, 9.0]]),
+                   torch.tensor([[True, True, False]]), gamma=1.0, lam=0.5)  # fmt: skip
+    assert adv.tolist() == [[0.125, 0.75, 0.0]]
+    assert ret.tolist() == [[0.625, 1.0, 0.0]]
+
+
+def test_token_rewards_put_the_score_on_the_last_valid_token():
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 7.0, 7.0]])
+    r = token_rewards(torch.tensor([1.0, -2.0]), kl, kl_coef=0.5, mask=mask)
+    assert torch.allclose(r, torch.tensor([[-0.05, -0.1, 1.0 - 0.15], [-2.0 - 0.25, 0.0, 0.0]]))
+    assert last_valid(mask).tolist() == [2, 0]
+
+
+def test_masked_whiten_uses_valid_entries_only():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -100.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    out = masked_whiten(x, mask)
+    mean, std = 2.5, math.sqrt(((1.5**2 + 0.5**2) * 2) / 3)  # unbiased over 1, 2, 3, 4
+    assert out[mask].tolist() == pytest.approx([(v - mean) / std for v in (1, 2, 3, 4)], rel=1e-5)
+    assert out[~mask].tolist() == [0.0, 0.0]
+    assert masked_mean(x, mask).item() == pytest.approx(2.5)
+
+
+def test_masked_whiten_with_a_reduce_uses_global_statistics():
+    # two "ranks" holding halves of one batch whiten exactly as the whole batch does
+    x = torch.randn(4, 6)
+    mask = torch.rand(4, 6) > 0.3
+    whole = masked_whiten(x, mask)
+    halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+
+    def reduce(_stats):
+        per_rank = [[float((a * m).sum()), float((a.square() * m).sum()), float(m.sum())]
+                    for a, m in ((h.double(), hm.double()) for h, hm in halves)]  # fmt: skip
+        return [sum(col) for col in zip(*per_rank)]
+
+    split = torch.cat([masked_whiten(h, hm, reduce) for h, hm in halves])
+    assert torch.allclose(whole, split, atol=1e-5)

@@ -1,0 +1,113 @@
+"""PPO losses and KL estimators against hand-computed numbers."""
+
+import math
+
+import pytest
+import torch
+
+from ppo.kl import KLController, kl_estimate
+from ppo.loss import entropy_from_logits, kl_loss, policy_loss, value_loss
+
+
+def test_policy_loss_by_hand():
+    # token 1: ratio e^0.5 = 1.6487 > 1.2, A = +1 -> clipped: -min(1.6487, 1.2) = -1.2 (clip active)
+    # token 2: ratio e^-0.5 = 0.6065 < 0.8, A = +2 -> -min(1.2131, 1.6) = -1.2131 (not clipped)
+    # token 3: padding, ignored
+    logp = torch.tensor([[0.5, -0.5, 3.0]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, 2.0, 5.0]])
+    mask = torch.tensor([[True, True, False]])
+    out = policy_loss(logp, old, adv, mask, clip_eps=0.2, num_tokens=2)
+    assert out.loss.item() == pytest.approx((-1.2 - 2 * math.exp(-0.5)) / 2, rel=1e-6)
+    assert out.clipfrac.item() == pytest.approx(0.5)
+    assert out.approxkl.item() == pytest.approx(0.5 * (0.25 + 0.25) / 2)
+
+
+def test_policy_loss_negative_advantage_clips_below():
+    # ratio 0.5 < 0.8 with A = -1: -min(-0.5, -0.8) = 0.8 (the clip keeps pushing it down no further)
+    out = policy_loss(torch.tensor([[math.log(0.5)]]), torch.zeros(1, 1), torch.tensor([[-1.0]]),
+                      torch.tensor([[True]]), clip_eps=0.2, num_tokens=1)  # fmt: skip
+    assert out.loss.item() == pytest.approx(0.8)
+    assert out.clipfrac.item() == 1.0
+
+
+def test_policy_loss_gradient_is_zero_where_clipped():
+    logp = torch.tensor([[0.5, -0.5]], requires_grad=True)
+    out = policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 2.0]]), torch.ones(1, 2, dtype=torch.bool),
+                      clip_eps=0.2, num_tokens=2)  # fmt: skip
+    out.loss.backward()
+    assert logp.grad[0, 0].item() == 0.0
+    assert logp.grad[0, 1].item() == pytest.approx(-2 * math.exp(-0.5) / 2)
+
+
+def test_value_loss_by_hand():
+    # token 1: V 1.0, old 0.0, R 0.0: err 1.0; clipped V 0.2 -> 0.04; max 1.0
+    # token 2: V 0.0, old 1.0, R 1.5: err 2.25; clipped V 0.8 -> 0.49; max 2.25
+    v = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.0, 1.0]])
+    ret = torch.tensor([[0.0, 1.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    out = value_loss(v, old, ret, mask, clip_eps=0.2, num_tokens=2)
+    assert out.loss.item() == pytest.approx(0.5 * (1.0 + 2.25) / 2)
+    assert out.clipfrac.item() == 0.0
+    # token where the clipped error is the larger: V 2.0, old 0.0, R 3.0: err 1, clipped V 0.2 -> 7.84
+    out = value_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.tensor([[3.0]]), torch.ones(1, 1, dtype=torch.bool),
+                     clip_eps=0.2, num_tokens=1)  # fmt: skip
+    assert out.loss.item() == pytest.approx(0.5 * 2.8**2)
+    assert out.clipfrac.item() == 1.0
+    plain = value_loss(v, old, ret, mask, clip_eps=None, num_tokens=2)
+    assert plain.loss.item() == pytest.approx(0.5 * (1.0 + 2.25) / 2)
+
+
+def test_losses_are_the_same_when_the_batch_is_split():
+    """Sum of per-rank losses with the global token normaliser == the whole-batch loss."""
+    torch.manual_seed(0)
+    logp, old, adv = torch.randn(6, 5), torch.randn(6, 5), torch.randn(6, 5)
+    mask = torch.rand(6, 5) > 0.4
+    n_tokens = mask.sum().item()
+    whole = policy_loss(logp, old, adv, mask, 0.2, n_tokens).loss
+    parts = sum(policy_loss(logp[s], old[s], adv[s], mask[s], 0.2, n_tokens / 3).loss
+                for s in (slice(0, 2), slice(2, 4), slice(4, 6))) / 3  # fmt: skip
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_entropy_and_kl_loss():
+    uniform = torch.zeros(1, 1, 4)
+    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
+    assert kl_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]]), num_tokens=1).item() == 1.0
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -1.0]])  # log ratio +1, -1
+    assert kl_estimate(logp, ref, "k1").tolist() == [[1.0, -1.0]]
+    assert kl_estimate(logp, ref, "k2").tolist() == [[0.5, 0.5]]
+    k3 = kl_estimate(logp, ref, "k3").tolist()[0]
+    assert k3 == pytest.approx([math.exp(-1) - 1 + 1, math.exp(1) - 1 - 1])
+    with pytest.raises(ValueError, match="k1"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_kl_estimators_are_unbiased_where_claimed():
+    # sample from p, estimate KL(p || q) for two categoricals; k1 and k3 are unbiased
+    torch.manual_seed(0)
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.3, 0.4, 0.3])
+    true_kl = (p * (p / q).log()).sum().item()
+    a = torch.multinomial(p, 200_000, replacement=True)
+    logp, logq = p.log()[a][None], q.log()[a][None]
+    assert kl_estimate(logp, logq, "k1").mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert kl_estimate(logp, logq, "k3").mean().item() == pytest.approx(true_kl, abs=0.01)
+
+
+def test_adaptive_kl_controller_by_hand():
+    c = KLController(0.1, target=6.0, horizon=10_000)
+    c.update(current_kl=9.0, n_sequences=100)  # error clip(0.5) = 0.2 -> x (1 + 0.2 * 100 / 10000)
+    assert c.value == pytest.approx(0.1 * 1.002)
+    c.update(current_kl=5.4, n_sequences=1000)  # error -0.1 -> x (1 - 0.01)
+    assert c.value == pytest.approx(0.1 * 1.002 * 0.99)
+    fixed = KLController(0.05, target=None, horizon=10_000)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.05
+    restored = KLController(0.0, None, 1)
+    restored.load_state_dict(c.state_dict())
+    assert restored.value == c.value
