@@ -47,9 +47,8 @@ def test_builtin_reward_model_agrees_with_the_noise_free_gold_judge(tmp_path):
     run = tmp_path / "rw"
     run_stage("reward", "logger=none", "train.eval_every=0", f"hydra.run.dir={run}", timeout=900)
     final = read_metrics(run)[-1]
-    # The target is 0.9; the default reaches 0.899 on 1000 held-out pairs (README). This floor
-    # catches regressions; it is not the target.
-    assert final["eval/gold_accuracy"] >= 0.88, final
+    # Agreement with the noise-free judge on 2000 pairs of held-out prompts (the default reaches 0.9065).
+    assert final["eval/gold_accuracy"] >= 0.9, final
 
 
 @pytest.mark.distributed
