@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from core import deepspeed as ds
 from core import dist
@@ -63,10 +64,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    engines,
+    run_dir: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep: int,
+    rank_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save model, optimizer, scheduler (DeepSpeed), RNG of every rank and trainer state at `step`.
 
-    Collective. Returns the final checkpoint directory. Keeps the newest `keep` checkpoints.
+    `engines` is one engine, or {name: engine} for a stage that trains several (PPO's actor and
+    critic, each in its own subdirectory). `rank_tensors` are this rank's extra tensors (e.g. its
+    shard of an EMA), saved as safetensors. Collective. Returns the final checkpoint directory.
+    Keeps the newest `keep` checkpoints.
     """
     root = run_dir / CHECKPOINTS
     tag = f"step-{step:08d}"
@@ -75,9 +86,16 @@ def save_checkpoint(engine, run_dir: Path, step: int, trainer_state: dict[str, A
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    ds.save_checkpoint(engine, str(root), tmp.name)
+    if isinstance(engines, dict):
+        for name, engine in engines.items():
+            ds.save_checkpoint(engine, str(tmp), name)
+    else:
+        ds.save_checkpoint(engines, str(root), tmp.name)
     tmp.mkdir(parents=True, exist_ok=True)  # ranks that hold no shard (ZeRO-0/1/2, rank > 0) write RNG too
     torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    if rank_tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in rank_tensors.items()},
+                  tmp / f"tensors_rank{dist.rank()}.safetensors")  # fmt: skip
     dist.barrier()  # every rank's shards are on disk
     final = root / tag
     if dist.is_main():
@@ -105,13 +123,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
+def load_checkpoint(engines, checkpoint: Path) -> dict[str, Any]:
+    """Restore engine(s) (model, optimizer, scheduler) and this rank's RNG; returns the trainer state.
+
+    The state gains `rank_tensors` when this rank saved extra tensors (same world size only).
+    """
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
-    ds.load_checkpoint(engine, str(checkpoint.parent), checkpoint.name)
+    if isinstance(engines, dict):
+        for name, engine in engines.items():
+            ds.load_checkpoint(engine, str(checkpoint), name)
+    else:
+        ds.load_checkpoint(engines, str(checkpoint.parent), checkpoint.name)
     rng_file = checkpoint / f"rng_rank{dist.rank()}.pt"
     if state.get("world_size") == dist.world_size() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
+        tensors = checkpoint / f"tensors_rank{dist.rank()}.safetensors"
+        if tensors.is_file():
+            state["rank_tensors"] = load_file(tensors)
     else:
         log.warning(
             "resume: world size changed (%s -> %d); RNG streams restart",
@@ -121,15 +149,20 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def resume(engine, run_dir: Path) -> int:
-    """Restore the newest complete checkpoint of `run_dir` into `engine`; returns its step (0 if none)."""
+def resume(engines, run_dir: Path) -> int:
+    """Restore the newest complete checkpoint of `run_dir` into the engine(s); returns its step (0 if none)."""
+    return resume_state(engines, run_dir).get("step", 0)
+
+
+def resume_state(engines, run_dir: Path) -> dict[str, Any]:
+    """Like `resume`, returning the whole trainer state ({} when there is no checkpoint)."""
     found = latest_checkpoint(run_dir)
     if found is None:
         log.warning("resume: no complete checkpoint in %s; starting from step 0", run_dir)
-        return 0
-    step = load_checkpoint(engine, found)["step"]
-    log.info("resume: continuing from %s (step %d)", found, step)
-    return step
+        return {}
+    state = load_checkpoint(engines, found)
+    log.info("resume: continuing from %s (step %d)", found, state["step"])
+    return state
 
 
 # ----------------------------------------------------------------------------- export

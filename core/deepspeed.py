@@ -15,6 +15,7 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 from transformers import get_scheduler
 from transformers.integrations import deepspeed as hf_deepspeed
 
@@ -146,6 +147,23 @@ def zero3_init(ds_config: dict[str, Any]) -> hf_deepspeed.HfDeepSpeedConfig | No
 
 
 @contextlib.contextmanager
+def model_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Models created inside are partitioned at construction if `ds_config` is ZeRO-3, plain if not.
+
+    For a stage with several models of different ZeRO stages (PPO); restores the previous
+    registration on exit.
+    """
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registration = zero3_init(ds_config)  # alive until the block ends
+    if registration is None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
 def zero3_init_disabled() -> Iterator[None]:
     """Build plain (unpartitioned) models, e.g. the CPU copy used for export on rank 0."""
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
@@ -195,6 +213,49 @@ def train_engine(
         lr_scheduler=scheduler,
     )
     return engine
+
+
+def inference_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+    """A DeepSpeed engine for a frozen model (no optimizer state): under ZeRO-3 its weights stay
+    partitioned and are gathered layer by layer in each forward. The model is put in eval mode
+    with gradients off.
+    """
+    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine, enabled: bool) -> Iterator[torch.nn.Module]:
+    """The engine's module with every ZeRO-3 weight gathered once, for a whole `generate` call.
+
+    Plain ZeRO-3 gathers each layer's weights again for every generated token (one all-gather per
+    layer per token); here they are gathered once and DeepSpeed's per-module hooks are lifted for the
+    duration (DeepSpeed's own `unwrap_model_for_generation`), so decoding runs on whole local
+    weights with the KV cache. Costs one full copy of the model per rank while it lasts. Changes
+    made to the weights inside are discarded on exit. Below ZeRO-3, or with enabled=False, the
+    module as it is. Collective under ZeRO-3: every rank must enter.
+    """
+    if not enabled or engine.zero_optimization_stage() != 3:
+        yield engine.module
+        return
+    with unwrap_model_for_generation(engine) as unwrapped:
+        yield unwrapped.module
+    coordinator = getattr(
+        getattr(engine.optimizer, "parameter_offload", engine.optimizer), "param_coordinator", None
+    )
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()  # the recorded module order no longer matches (as TRL does)
+
+
+def local_shards(engine) -> list[torch.Tensor]:
+    """The parameter data this rank holds: ZeRO-3 partitions, or whole parameters below stage 3.
+
+    In module order; used for an EMA of the weights that never needs the whole model on one rank.
+    """
+    return [p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -511,3 +511,58 @@ def load_preferences(
     return load_records(
         paths, fmt, PREFERENCE_FORMATS, detect_preference_format, on_error=on_error, split=split
     )
+
+
+# ----------------------------------------------------------------------------- prompts (PPO rollouts)
+
+
+def _prompt_only(row: dict, where: str) -> list[tuple[Message, ...]]:
+    return [_prompt_messages(row, where)]
+
+
+def _conversation_prompt(name: str) -> Callable[[dict[str, Any], str], list[tuple[Message, ...]]]:
+    """The prompt part of an SFT record: its messages before the final assistant reply."""
+    return lambda row, where: [SFT_FORMATS[name](row, where)[:-1]]
+
+
+def _preference_prompts(name: str) -> Callable[[dict[str, Any], str], list[tuple[Message, ...]]]:
+    return lambda row, where: [p.prompt for p in PREFERENCE_FORMATS[name](row, where)]
+
+
+PROMPT_FORMATS: dict[str, Callable[[dict[str, Any], str], list[tuple[Message, ...]]]] = {
+    "prompt": _prompt_only,  # {"prompt": str | messages} (any other fields are ignored)
+    **{f"sft:{n}": _conversation_prompt(n) for n in SFT_FORMATS if n != "prompt"},
+    **{f"pref:{n}": _preference_prompts(n) for n in PREFERENCE_FORMATS},
+}
+
+
+def detect_prompt_format(row: Any, where: str) -> str:
+    keys = row.keys() if isinstance(row, dict) else set()
+    if "chosen" in keys or "responses" in keys or isinstance(row.get("prompt") if keys else None, dict):
+        return "pref:" + detect_preference_format(row, where)
+    if "prompt" in keys:
+        return "prompt"
+    for name, sig in _SIGNATURES:
+        if name != "prompt" and sig <= keys:
+            return f"sft:{name}"
+    found = sorted(keys) if isinstance(row, dict) else type(row).__name__
+    raise DataError(f"{where}: cannot tell the prompt format from fields {found}; set data.format to one of "
+                    f"{sorted(PROMPT_FORMATS)}")  # fmt: skip
+
+
+def load_prompts(
+    paths: str | list[str], fmt: str | None, *, on_error: str = "raise", split: str = "train"
+) -> tuple[list[tuple[Message, ...]], LoadReport]:
+    """Rollout prompts (messages ending with a user turn) from any prompt-bearing format, deduplicated.
+
+    Formats: `prompt` ({"prompt": str | messages}), `sft:<alpaca|messages|sharegpt>` (the turns
+    before the last reply), `pref:<pairwise|hh|sharegpt_pairs|ranked>` (the pair's prompt).
+    """
+    prompts, report = load_records(
+        paths, fmt, PROMPT_FORMATS, detect_prompt_format, on_error=on_error, split=split
+    )
+    unique = list(dict.fromkeys(prompts))  # a preference file repeats its prompt once per pair
+    for where, messages in ((str(paths), m) for m in unique):
+        if not messages or messages[-1].role != "user":
+            raise DataError(f"{where}: a prompt must end with a user turn, got {messages[-1:]}")
+    return unique, report

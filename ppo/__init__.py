@@ -1,1 +1,1 @@
-"""Stage 3: PPO with actor, critic, reference and reward models. Not built yet: see the open issue."""
+"""Stage 3: PPO with actor, critic, reference and reward models (InstructGPT). Run: python -m ppo"""

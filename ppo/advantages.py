@@ -22,7 +22,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = None, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = None, shift_mean: bool = True
+) -> torch.Tensor:
     """(x - mean) / std over valid entries, statistics over every rank when `reduce` is given: [B, A].
 
     Whitening over the global batch (not per rank) keeps the update independent of how the
@@ -41,9 +43,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = None, sh
     return out * mask
 
 
-def token_rewards(
-    score: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor
-) -> torch.Tensor:
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
     """KL-penalised reward per token (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2): [B, A].
 
         r_t = -beta * KL_t          for every valid response token
@@ -86,3 +86,48 @@ def gae(
         next_value = values[:, t] * valid[:, t]
         next_adv = adv
     return advantages, (advantages + values) * valid
+
+
+class RunningMoments:
+    """Running mean / std of reward-model scores over every rank (Chan et al. 1979 parallel update)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, x: torch.Tensor, reduce: Reduce = None) -> None:
+        xd = x.detach().double()
+        stats = [float(xd.sum()), float(xd.square().sum()), float(xd.numel())]
+        total, total_sq, n = reduce(stats) if reduce is not None else stats
+        if n == 0:
+            return
+        batch_mean = total / n
+        batch_var = max(total_sq / n - batch_mean**2, 0.0)
+        delta, new_count = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / new_count
+        self.mean += delta * n / new_count
+        self.var, self.count = m2 / new_count, new_count
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def normalise_scores(
+    raw: torch.Tensor,
+    mean: float,
+    std: float,
+    clip: float | None,
+    has_eos: torch.Tensor,
+    missing_eos_penalty: float,
+) -> torch.Tensor:
+    """(raw - mean) / std, clipped to [-clip, clip], minus the penalty where a response has no EOS: [B]."""
+    scores = (raw - mean) / std
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores - missing_eos_penalty * (~has_eos).to(scores.dtype)

@@ -40,7 +40,9 @@ class KLController:
 
     def __init__(self, init_coef: float, target: float | None, horizon: int):
         if target is not None and (target <= 0 or horizon <= 0):
-            raise ValueError("ppo.kl_target and ppo.kl_horizon must be positive for the adaptive KL coefficient")
+            raise ValueError(
+                "ppo.kl_target and ppo.kl_horizon must be positive for the adaptive KL coefficient"
+            )
         self.value = init_coef
         self.target = target
         self.horizon = horizon

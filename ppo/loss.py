@@ -35,7 +35,7 @@ def policy_loss(
 ) -> PolicyLossOut:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7, https://arxiv.org/abs/1707.06347).
 
-        ratio = pi(a|s) / pi_old(a|s);   L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+    ratio = pi(a|s) / pi_old(a|s);   L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)

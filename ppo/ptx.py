@@ -1,0 +1,37 @@
+"""PPO-ptx: a language-modelling loss on demonstrations mixed into the actor's update.
+
+InstructGPT (Ouyang et al. 2022, eq. 2) adds gamma * E_pretrain[log pi(x)] to the PPO objective
+so the policy keeps the abilities RLHF would otherwise erode ("alignment tax").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core import dist
+from data.builtin import sft_conversations
+from data.collate import GlobalBatches, collate
+from data.formats import load_conversations
+from data.templates import PromptFormatter
+
+
+class PtxData:
+    """Demonstrations for the ptx loss, one micro-batch per actor micro-step, in a seeded order."""
+
+    def __init__(self, cfg, formatter: PromptFormatter, max_len: int, world: int, seed: int):
+        if cfg.path == "builtin":
+            convs, _ = sft_conversations(4000, 0, 0.0)
+        else:
+            convs, _ = load_conversations(cfg.path, cfg.format)
+        self.examples = [formatter.encode(c, max_len=max_len) for c in convs]
+        self.pad_id = formatter.tokenizer.pad_token_id
+        self.batches = GlobalBatches(len(self.examples), cfg.micro_batch_size_per_device, 1, world, seed)
+        self.calls = 0  # how many micro-batches were drawn (restored on resume through the step count)
+
+    def loss(self, engine, device: torch.device) -> torch.Tensor:
+        """Token-mean LM loss of the next micro-batch (this rank's share)."""
+        (index,) = self.batches.micro_batches(self.calls, dist.rank())
+        self.calls += 1
+        b = collate([self.examples[i] for i in index], self.pad_id).to(device)
+        out = engine(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, use_cache=False)
+        return out.loss

@@ -1,0 +1,575 @@
+"""Stage 3 recipe: PPO on a reward model (InstructGPT, Ouyang et al. 2022).   python -m ppo [key=value ...]
+
+Four models: the actor (policy, from the SFT export) and the critic (value per token, from the
+reward-model export) train as DeepSpeed engines; the reference (frozen SFT policy, or the
+LoRA actor with its adapters off) and the reward model are frozen inference engines. One PPO
+step: 1. generate, 2. score, 3. KL-penalised rewards, 4. GAE, 5. PPO epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+
+from core import checkpoint, dist, models
+from core import deepspeed as ds
+from core.logging import MetricsLogger
+from data.builtin import task
+from data.collate import GlobalBatches
+from data.formats import Conversation, Message, load_prompts, split_train_eval
+from data.templates import PromptFormatter
+from ppo import rollout as ro
+from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
+from ppo.kl import KLController, kl_estimate
+from ppo.loss import entropy_from_logits, kl_loss, policy_loss, value_loss
+from ppo.ptx import PtxData
+
+log = logging.getLogger(__name__)
+
+REWARD_STATS = "reward_stats.json"
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with the PPO settings."""
+
+
+def newest_export(runs_dir: str, stage: str) -> str:
+    """The newest complete export of `python -m <stage>` under runs_dir, or a clear error."""
+    found = sorted(Path(runs_dir, stage).glob("*/export/export_info.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(
+            f"no `{stage}` export under {runs_dir}/{stage}/: run `python -m {stage}` first, "
+            f"or give the path (e.g. {'actor' if stage == 'sft' else 'reward_model'}.name_or_path=DIR)"
+        )
+    return str(found[-1].parent)
+
+
+class PPORecipe:
+    """setup -> train -> cleanup; checkpoints, evaluation and the exports happen inside train."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        transformers.set_seed(cfg.train.seed + dist.rank())  # sampling differs per rank
+        self.device = dist.device()
+        self.world = dist.world_size()
+        self._resolve_paths()
+        self._setup_tokenizers()
+        self._setup_data()
+        self._setup_models()
+        self.kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.ema = (
+            [s.detach().float().clone() for s in ds.local_shards(self.actor)] if cfg.ppo.ema_decay else None
+        )
+        config = OmegaConf.to_container(cfg, resolve=True)
+        self.logger = MetricsLogger.from_group(
+            self.run_dir, cfg.logger, config, cfg.train.max_steps, job_type="ppo"
+        )
+        if cfg.train.resume:
+            self._resume()
+        if self.step == 0:
+            shares = {f"zero/{name}_param_share_rank{r}": s for name, engine in self.engines().items()
+                      for r, s in enumerate(ds.partition_shares(engine.module))}  # fmt: skip
+            self.logger.log({"data/train_prompts": len(self.train_prompts),
+                             "data/eval_prompts": len(self.eval_prompts), **shares}, step=0)  # fmt: skip
+
+    def _resolve_paths(self) -> None:
+        """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""
+        c = self.cfg
+        with _writable(c):
+            c.actor.name_or_path = c.actor.name_or_path or newest_export(c.runs_dir, "sft")
+            c.reward_model.name_or_path = c.reward_model.name_or_path or newest_export(c.runs_dir, "reward")
+            c.ref.name_or_path = c.ref.name_or_path or c.actor.name_or_path
+            c.critic.name_or_path = c.critic.name_or_path or c.reward_model.name_or_path
+        log.info("models: actor %s | ref %s | critic %s | reward %s", c.actor.name_or_path,
+                 c.ref.name_or_path if c.peft.type == "none" else "actor with adapters off",
+                 c.critic.name_or_path, c.reward_model.name_or_path)  # fmt: skip
+
+    def _setup_tokenizers(self) -> None:
+        c = self.cfg
+
+        def tok(m):
+            return models.load_tokenizer(m.tokenizer, m.name_or_path, m.trust_remote_code, m.revision)
+
+        self.tokenizer = tok(c.actor)
+        self.rm_tokenizer = tok(c.reward_model)
+        self.formatter = PromptFormatter(self.tokenizer, **c.data.template)
+        self.rm_formatter = PromptFormatter(self.rm_tokenizer, **c.data.template)
+        # same vocabulary and specials: the reward model reads the actor's token ids as they are
+        self.rm_shares_tokens = (self.rm_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+                                 and self.rm_tokenizer.eos_token_id == self.tokenizer.eos_token_id)  # fmt: skip
+        if not self.rm_shares_tokens:
+            log.info("reward model has its own tokenizer: responses are decoded and re-tokenised for it")
+        if tok(c.critic).get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                f"critic.name_or_path={c.critic.name_or_path} has a different tokenizer from the actor; the critic "
+                f"reads the actor's tokens. Start it from the actor's checkpoint instead "
+                f"(critic.name_or_path={c.actor.name_or_path}, a new value head)"
+            )
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def _setup_data(self) -> None:
+        d, c = self.cfg.data, self.cfg
+        self.builtin = d.path == "builtin"
+        if self.builtin:
+            train, held = task.split_prompts(d.builtin.seed)
+            train_prompts = [(Message("user", p),) for p in train]
+            eval_prompts = [(Message("user", p),) for p in held]
+        else:
+            train_prompts, _ = load_prompts(d.path, d.format, on_error=d.on_error, split=d.split)
+            if d.eval_path is not None:
+                eval_prompts, _ = load_prompts(d.eval_path, d.format, on_error=d.on_error, split=d.split)
+            else:
+                train_prompts, eval_prompts = split_train_eval(train_prompts, d.eval_fraction, d.shuffle_seed)
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.train_ids = [self._encode_prompt(p) for p in train_prompts]
+        self.eval_ids = [self._encode_prompt(p) for p in eval_prompts]
+        r, t = c.rollout, c.train
+        if r.batch_size % self.world:
+            raise ConfigError(
+                f"rollout.batch_size={r.batch_size} must be divisible by the world size {self.world}"
+            )
+        self.local_batch = r.batch_size // self.world
+        self.minibatch = t.micro_batch_size_per_device * t.grad_accum_steps  # per rank
+        if self.local_batch % self.minibatch:
+            raise ConfigError(
+                f"rollout.batch_size / world size = {self.local_batch} prompts per rank must be a multiple of "
+                f"train.micro_batch_size_per_device x train.grad_accum_steps = {self.minibatch} (the minibatch)"
+            )
+        self.prompt_batches = GlobalBatches(len(self.train_ids), self.local_batch, 1, self.world, t.seed)
+        self.ptx = (
+            PtxData(c.ptx, self.formatter, d.max_len + r.max_new_tokens, self.world, t.seed)
+            if c.ptx.coef
+            else None
+        )
+
+    def _encode_prompt(self, messages: tuple[Message, ...]) -> list[int]:
+        ids = self.formatter.encode_prompt(messages)
+        return ids[-self.cfg.data.max_len :]  # keep the end: the generation prompt must stay whole
+
+    def _setup_models(self) -> None:
+        c, t = self.cfg, self.cfg.train
+        n_updates = t.max_steps * c.ppo.epochs * (self.local_batch // self.minibatch)
+
+        def train_cfg(zero, optim):
+            return ds.config_from_groups(zero, t, optim)
+
+        actor_cfg, critic_cfg = train_cfg(c.actor_ds, c.actor_optim), train_cfg(c.critic_ds, c.critic_optim)
+        frozen_cfg = ds.build_config(
+            stage=c.frozen_ds.stage, offload_optimizer=False, offload_param=c.frozen_ds.offload_param,
+            extra=dict(c.frozen_ds.extra), micro_batch_size_per_device=c.rollout.micro_batch_size_per_device,
+            grad_accum_steps=1, global_batch_size=None, precision=t.precision, grad_clip=0.0, lr=0.0,
+            betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0,
+        )  # fmt: skip
+
+        def engine(model, config, optim):
+            return ds.train_engine(model, config, weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
+                                   total_steps=n_updates, min_lr_ratio=optim.min_lr_ratio)  # fmt: skip
+
+        with ds.model_init(actor_cfg):
+            actor = models.build_model(c.actor, c.peft, self.tokenizer, t.precision, head="lm")
+        self.actor = engine(actor, actor_cfg, c.actor_optim)
+        self.actor_zero3 = c.actor_ds.stage == 3
+        no_peft = OmegaConf.create({"type": "none"})
+        with ds.model_init(critic_cfg):
+            critic = models.build_model(c.critic, no_peft, self.tokenizer, t.precision, head="score")
+        self.critic = engine(critic, critic_cfg, c.critic_optim)
+        self.critic_head = models.score_head(self.critic.module)
+
+        def frozen(m, tokenizer, head):
+            with ds.model_init(frozen_cfg):
+                model = models.load_model(m.name_or_path, {}, tokenizer, t.precision, head=head,
+                                          trust_remote_code=m.trust_remote_code, revision=m.revision,
+                                          attn_implementation=m.attn_implementation)  # fmt: skip
+            return ds.inference_engine(model, frozen_cfg)
+
+        self.lora = isinstance(self.actor.module, PeftModel)
+        self.ref = None if self.lora else frozen(c.ref, self.tokenizer, "lm")
+        self.reward = frozen(c.reward_model, self.rm_tokenizer, "score")
+        self.reward_head = models.score_head(self.reward.module)
+        self.rm_stats = self._reward_stats()
+
+    def _reward_stats(self) -> dict[str, float] | None:
+        if self.cfg.ppo.reward_norm != "rm_stats":
+            if self.cfg.ppo.reward_norm not in ("none", "running"):
+                raise ConfigError(
+                    f"ppo.reward_norm must be none, rm_stats or running, got {self.cfg.ppo.reward_norm!r}"
+                )
+            return None
+        path = Path(self.cfg.reward_model.name_or_path, REWARD_STATS)
+        if not path.is_file():
+            raise ConfigError(f"ppo.reward_norm=rm_stats needs {path} (written by `python -m reward`); "
+                              "use ppo.reward_norm=running or none for this reward model")  # fmt: skip
+        return json.loads(path.read_text())
+
+    def engines(self) -> dict:
+        return {"actor": self.actor, "critic": self.critic}
+
+    # ------------------------------------------------------------------ 1-2. rollout and scoring
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample one response per prompt.
+
+        Returns prompt_ids [B, P] (left-padded), prompt_mask [B, P], response_ids [B, A] and the
+        sampling pass's logits [B, A, V].
+        """
+        r = self.cfg.rollout
+        prompt_ids, prompt_mask = ro.pad_rows(prompts, self.pad_id, "left", self.device)
+        self.actor.eval()
+        gather = r.gather_once and self.actor_zero3
+        with ds.gathered_for_generation(self.actor, gather) as module, self._lora_merged(module, gather):
+            response, logits = ro.sample(
+                module, prompt_ids, prompt_mask, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
+                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_id=self.eos_id, pad_id=self.pad_id,
+                stop_at_eos=r.stop_at_eos, synced_gpus=self.actor_zero3 and not gather and self.world > 1,
+            )  # fmt: skip
+        self.actor.train()
+        return prompt_ids, prompt_mask, response, logits
+
+    @contextlib.contextmanager
+    def _lora_merged(self, module, gathered: bool):
+        """LoRA merged into the gathered weights while generating (the partitions are untouched)."""
+        if not (self.lora and gathered):
+            yield
+            return
+        module.merge_adapter()
+        try:
+            yield
+        finally:
+            module.unmerge_adapter()
+
+    @torch.no_grad()
+    def score(self, prompts: list[tuple[Message, ...]], ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor,
+              response_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Raw reward-model scores [B]; re-tokenised for a reward model with its own tokenizer."""
+        if self.rm_shares_tokens:
+            return self._chunked(
+                lambda i, m: ro.sequence_scores(self.reward, self.reward_head, i, m), ids, mask
+            )
+        rows = [self.rm_formatter.encode(Conversation((*p, Message("assistant", text))), max_len=10**9).input_ids
+                for p, text in zip(prompts, self.decode(response, response_mask))]  # fmt: skip
+        rm_ids, rm_mask = ro.pad_rows(rows, self.rm_tokenizer.pad_token_id, "right", self.device)
+        return self._chunked(
+            lambda i, m: ro.sequence_scores(self.reward, self.reward_head, i, m), rm_ids, rm_mask
+        )
+
+    def _chunked(self, fn, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """fn over micro-batches of rollout.micro_batch_size_per_device rows, concatenated."""
+        n = self.cfg.rollout.micro_batch_size_per_device
+        return torch.cat([fn(ids[i : i + n], mask[i : i + n]) for i in range(0, len(ids), n)])
+
+    @torch.no_grad()
+    def ref_logprobs(
+        self, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """log pi_ref of the response tokens [B, A]: the reference model, or the actor with LoRA off."""
+        T, n = self.cfg.rollout.temperature, self.cfg.rollout.micro_batch_size_per_device
+        model = self.actor if self.lora else self.ref
+        out = []
+        with self.actor.module.disable_adapter() if self.lora else contextlib.nullcontext():
+            for k in range(0, len(ids), n):
+                logits = ro.response_logits(model, ids[k : k + n], mask[k : k + n], width)  # [b, A, V]
+                out.append(ro.logprobs_from_logits(logits, response[k : k + n], T))
+        return torch.cat(out)
+
+    def decode(self, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [
+            self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True).strip()
+            for r, m in zip(response, mask)
+        ]
+
+    def make_rollout(self, step: int) -> tuple[ro.Rollout, dict[str, float], list[dict]]:
+        """Steps 1-4 on this rank's share of the prompt batch."""
+        c, p = self.cfg, self.cfg.ppo
+        reduce = self._reduce
+        (index,) = self.prompt_batches.micro_batches(step, dist.rank())
+        prompts = [self.train_prompts[i] for i in index]
+        # 1. generate
+        t0 = time.perf_counter()
+        prompt_ids, prompt_mask, response, logits = self.generate([self.train_ids[i] for i in index])
+        logprobs = ro.logprobs_from_logits(logits, response, c.rollout.temperature)  # [B, A] log pi_old
+        mask = ro.response_mask(response, self.eos_id, c.rollout.stop_at_eos)  # [B, A]
+        has_eos = ro.ends_with_eos(response, mask, self.eos_id)
+        entropy = (entropy_from_logits(logits / c.rollout.temperature) * mask).sum()  # for the metric
+        del logits
+        t_gen = time.perf_counter() - t0
+        # 2. score: reference log-probs, values, reward-model score
+        ids, seq_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)
+        width = prompt_ids.shape[1]
+        ref_logprobs = self.ref_logprobs(ids, seq_mask, response, width)
+        self.critic.eval()
+        with torch.no_grad():
+            values = self._chunked(
+                lambda i, m: ro.response_values(self.critic, self.critic_head, i, m, width), ids, seq_mask
+            )
+        self.critic.train()
+        raw = self.score(prompts, ids, seq_mask, response, mask)
+        # 3. KL-penalised rewards (Ziegler et al. 2019 eq. 2): r_t = -beta KL_t, + normalised score at the end
+        if p.reward_norm == "running":
+            self.score_moments.update(raw, reduce)
+            mean, std = self.score_moments.mean, self.score_moments.std
+        elif p.reward_norm == "rm_stats":
+            mean, std = self.rm_stats["mean"], self.rm_stats["std"]
+        else:
+            mean, std = 0.0, 1.0
+        # a fixed-length rollout (stop_at_eos=false) is never penalised for lacking an EOS
+        complete = has_eos if c.rollout.stop_at_eos else torch.ones_like(has_eos)
+        scores = normalise_scores(raw, mean, std, p.reward_clip, complete, p.missing_eos_penalty)  # [B]
+        kl = kl_estimate(logprobs, ref_logprobs, p.kl_estimator) * mask  # [B, A]
+        beta = self.kl_ctl.value if p.kl_in == "reward" else 0.0
+        rewards = token_rewards(scores, kl, beta, mask)
+        # 4. GAE (Schulman et al. 2016) and whitened advantages
+        advantages, returns = gae(rewards, values, mask, p.gamma, p.gae_lambda)
+        if p.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, reduce)
+        rollout = ro.Rollout(prompt_ids, prompt_mask, response, mask, logprobs, ref_logprobs, values, scores, raw,
+                             kl, rewards, advantages, returns)  # fmt: skip
+        metrics, samples = self._rollout_metrics(rollout, prompts, has_eos, entropy, reduce)
+        metrics["time/generate_s"] = t_gen
+        return rollout, metrics, samples
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        return dist.all_reduce_sum(values, self.device)
+
+    def _rollout_metrics(
+        self, r: ro.Rollout, prompts, has_eos, entropy, reduce
+    ) -> tuple[dict[str, float], list[dict]]:
+        """Global means over the rollout batch (one all-reduce); `entropy` is this rank's summed token entropy."""
+        m = r.response_mask
+        seq_kl = ((r.logprobs - r.ref_logprobs) * m).sum(1)  # [B] k1 summed over the response
+        ret, val = r.returns.double(), r.values.double()
+        err = ret - val
+        texts = self.decode(r.response_ids, m)
+        gold = [task.gold_score(p[-1].content, t) for p, t in zip(prompts, texts)] if self.builtin else []
+        local = [float(r.raw_scores.sum()), float(seq_kl.sum()), float(entropy), float(m.sum()),
+                 float((~has_eos).sum()), float(len(m)), float(sum(gold)), float(r.scores.sum()),
+                 float((ret * m).sum()), float((ret.square() * m).sum()), float((err * m).sum()),
+                 float((err.square() * m).sum())]  # fmt: skip
+        (s_raw, s_kl, s_ent, n_tok, n_noeos, n, s_gold, s_score, s_ret, s_ret2, s_err, s_err2) = reduce(local)
+        var_ret = s_ret2 / n_tok - (s_ret / n_tok) ** 2
+        var_err = s_err2 / n_tok - (s_err / n_tok) ** 2
+        metrics = {
+            "ppo/reward": s_raw / n, "ppo/score": s_score / n, "ppo/kl": s_kl / n, "ppo/kl_coef": self.kl_ctl.value,
+            "ppo/entropy": s_ent / n_tok, "ppo/response_len": n_tok / n, "ppo/no_eos_frac": n_noeos / n,
+            "ppo/value_explained_var": 1.0 - var_err / max(var_ret, 1e-8),
+        }  # fmt: skip
+        if self.builtin:
+            metrics["gold/reward"] = s_gold / n
+        samples = [{"prompt": p[-1].content, "response": t, "reward": float(s)}
+                   for p, t, s in zip(prompts, texts, r.raw_scores.tolist())]  # fmt: skip
+        return metrics, samples
+
+    # ------------------------------------------------------------------ 5. PPO epochs
+
+    def update(self, r: ro.Rollout, step: int) -> dict[str, float]:
+        """PPO epochs over shuffled minibatches (micro x accum per rank); returns global mean statistics."""
+        c, p, t = self.cfg, self.cfg.ppo, self.cfg.train
+        B, micro, accum = len(r.scores), t.micro_batch_size_per_device, t.grad_accum_steps
+        n_mb = B // self.minibatch
+        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)  # same shuffles on resume
+        ids, seq_mask = r.sequence
+        width = r.prompt_ids.shape[1]
+        T = c.rollout.temperature
+        sums = torch.zeros(7, dtype=torch.float64)  # pg, vf, clipfrac, vclipfrac, approxkl, ptx, micro count
+        stop = False
+        for _ in range(p.epochs):
+            order = torch.randperm(B, generator=gen)
+            # global valid tokens per minibatch / (ranks x accum): the loss normaliser (one all-reduce per epoch)
+            local = [
+                float(r.response_mask[order[k * self.minibatch : (k + 1) * self.minibatch]].sum())
+                for k in range(n_mb)
+            ]
+            denoms = [max(x, 1.0) / (accum * self.world) for x in self._reduce(local)]
+            for k in range(n_mb):
+                mb_kl = torch.zeros((), dtype=torch.float64)
+                for a in range(accum):
+                    idx = order[k * self.minibatch + a * micro : k * self.minibatch + (a + 1) * micro]
+                    mb, mids, mmask = r.select(idx), ids[idx], seq_mask[idx]
+                    # actor: clipped surrogate (+ entropy bonus, + KL loss, + ptx)
+                    logits = ro.response_logits(self.actor, mids, mmask, width)  # [b, A, V]
+                    logp = ro.logprobs_from_logits(logits, mb.response_ids, T)
+                    pl = policy_loss(
+                        logp, mb.logprobs, mb.advantages, mb.response_mask, p.clip_eps, denoms[k]
+                    )
+                    loss = pl.loss
+                    if p.entropy_coef:
+                        ent = entropy_from_logits(logits / T)
+                        loss = loss - p.entropy_coef * (ent * mb.response_mask).sum() / denoms[k]
+                    if p.kl_in == "loss":
+                        kl = kl_estimate(logp, mb.ref_logprobs, p.kl_estimator)
+                        loss = loss + self.kl_ctl.value * kl_loss(kl, mb.response_mask, denoms[k])
+                    ptx = torch.zeros(())
+                    if self.ptx is not None:
+                        ptx = self.ptx.loss(self.actor, self.device)
+                        loss = loss + c.ptx.coef * ptx
+                    self.actor.backward(loss)
+                    self.actor.step()
+                    # critic: clipped value loss
+                    v = ro.response_values(self.critic, self.critic_head, mids, mmask, width)
+                    vl = value_loss(v, mb.values, mb.returns, mb.response_mask, p.value_clip_eps, denoms[k])
+                    self.critic.backward(vl.loss)
+                    self.critic.step()
+                    sums += torch.tensor([pl.loss.item() * denoms[k] / max(float(mb.response_mask.sum()), 1.0),
+                                          vl.loss.item() * denoms[k] / max(float(mb.response_mask.sum()), 1.0),
+                                          pl.clipfrac.item(), vl.clipfrac.item(), pl.approxkl.item(), ptx.item(), 1.0],
+                                         dtype=torch.float64)  # fmt: skip
+                    mb_kl += pl.approxkl.item()
+                if p.early_stop_kl is not None:
+                    (kl_sum,) = self._reduce([float(mb_kl) / accum])
+                    if kl_sum / self.world > p.early_stop_kl:
+                        stop = True
+                        break
+            if stop:
+                break
+        total = self._reduce(sums.tolist())
+        n = max(total[6], 1.0)
+        stats = {"ppo/policy_loss": total[0] / n, "ppo/value_loss": total[1] / n, "ppo/clipfrac": total[2] / n,
+                 "ppo/value_clipfrac": total[3] / n, "ppo/approxkl": total[4] / n,
+                 "ppo/epochs_done": n / (self.world * n_mb * accum)}  # fmt: skip
+        if self.ptx is not None:
+            stats["ppo/ptx_loss"] = total[5] / n
+        return stats
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> None:
+        t = self.cfg.train
+        while self.step < t.max_steps:
+            start = time.perf_counter()
+            rollout, metrics, samples = self.make_rollout(self.step)
+            t1 = time.perf_counter()
+            metrics |= self.update(rollout, self.step)
+            self.kl_ctl.update(metrics["ppo/kl"], self.cfg.rollout.batch_size)  # Ziegler et al. 2019
+            self._ema_update()
+            self.step += 1
+            metrics |= {"time/train_s": time.perf_counter() - t1, "time/step_s": time.perf_counter() - start,
+                        "train/actor_lr": self.actor.get_lr()[0], "train/critic_lr": self.critic.get_lr()[0]}  # fmt: skip
+            final = self.step == t.max_steps
+            if (t.eval_every and self.step % t.eval_every == 0) or final:
+                metrics |= self.evaluate()
+                self.logger.log_samples(samples[: t.num_samples], self.step)
+            if self.step % t.log_every == 0 or final:
+                self.logger.log(metrics, self.step)
+            self.logger.advance(self.step)
+            if (t.save_every and self.step % t.save_every == 0) or final:
+                self.save()
+        self.export()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean raw reward (and gold reward on the built-in task) of sampled responses to held-out prompts."""
+        t = self.cfg.train
+        prompts = (
+            self.eval_prompts[: t.eval_batches * self.local_batch] if t.eval_batches else self.eval_prompts
+        )
+        ids = [self._encode_prompt(p) for p in prompts]
+        per_rank = math.ceil(len(ids) / self.world)
+        lo = dist.rank() * per_rank
+        mine = list(range(lo, min(lo + per_rank, len(ids))))
+        total = [0.0, 0.0, 0.0]  # reward sum, gold sum, count
+        for k in range(0, per_rank, self.local_batch):  # equal number of calls on every rank (collectives)
+            chunk = mine[k : k + self.local_batch] or [0]
+            real = len(mine[k : k + self.local_batch])
+            prompt_ids, prompt_mask, response, _ = self.generate([ids[i] for i in chunk])
+            mask = ro.response_mask(response, self.eos_id, self.cfg.rollout.stop_at_eos)
+            seq_ids, seq_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)
+            raw = self.score([prompts[i] for i in chunk], seq_ids, seq_mask, response, mask)[:real]
+            total[0] += float(raw.sum())
+            total[2] += real
+            if self.builtin:
+                texts = self.decode(response, mask)[:real]
+                total[1] += sum(task.gold_score(prompts[i][-1].content, s) for i, s in zip(chunk, texts))
+        reward, gold, n = self._reduce(total)
+        out = {"eval/reward": reward / max(n, 1)}
+        if self.builtin:
+            out["eval/gold_reward"] = gold / max(n, 1)
+        return out
+
+    def _ema_update(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.ppo.ema_decay
+        for e, s in zip(self.ema, ds.local_shards(self.actor)):
+            e.mul_(d).add_(s.detach().float(), alpha=1.0 - d)
+
+    # ------------------------------------------------------------------ save / resume / export
+
+    def save(self) -> None:
+        state = {"stage": "ppo", "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
+                 "ptx_calls": self.ptx.calls if self.ptx is not None else 0}  # fmt: skip
+        tensors = {f"ema.{i}": e for i, e in enumerate(self.ema)} if self.ema is not None else None
+        checkpoint.save_checkpoint(self.engines(), self.run_dir, self.step, state, self.cfg.train.keep_checkpoints,
+                                   rank_tensors=tensors)  # fmt: skip
+
+    def _resume(self) -> None:
+        state = checkpoint.resume_state(self.engines(), self.run_dir)
+        if not state:
+            return
+        self.step = state["step"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        if self.ptx is not None:
+            self.ptx.calls = state["ptx_calls"]
+        if self.ema is not None:
+            saved = state.get("rank_tensors", {})
+            self.ema = [saved[f"ema.{i}"].to(e.device) for i, e in enumerate(self.ema)] if saved else self.ema
+        self.logger.rewind(self.step)
+
+    def export(self) -> None:
+        info = {"stage": "ppo", "step": self.step, "peft": self.cfg.peft.type}
+        merge = self.cfg.peft.merge_on_export
+        checkpoint.export_model(
+            self.actor, self.tokenizer, self.run_dir / "export", merge_lora=merge, info=info
+        )
+        checkpoint.export_model(self.critic, self.tokenizer, self.run_dir / "export_critic", merge_lora=False,
+                                info={**info, "role": "critic"})  # fmt: skip
+        if self.ema is not None:
+            with _swapped(ds.local_shards(self.actor), self.ema):
+                checkpoint.export_model(self.actor, self.tokenizer, self.run_dir / "export_ema", merge_lora=merge,
+                                        info={**info, "ema_decay": self.cfg.ppo.ema_decay})  # fmt: skip
+
+    def cleanup(self) -> None:
+        self.logger.close()
+
+
+@contextlib.contextmanager
+def _swapped(targets: list[torch.Tensor], values: list[torch.Tensor]):
+    """Temporarily copy `values` into `targets` (in place), restoring them afterwards."""
+    saved = [t.detach().clone() for t in targets]
+    for t, v in zip(targets, values):
+        t.copy_(v.to(t.dtype))
+    try:
+        yield
+    finally:
+        for t, s in zip(targets, saved):
+            t.copy_(s)
+
+
+@contextlib.contextmanager
+def _writable(cfg: DictConfig):
+    """Allow filling in resolved values (model paths) on a struct-mode config."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        yield
