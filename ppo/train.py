@@ -85,7 +85,8 @@ class PPORecipe:
         if cfg.train.resume:
             self._resume()
         if self.step == 0:
-            shares = {f"zero/{name}_param_share_rank{r}": s for name, engine in self.engines().items()
+            roles = {**self.engines(), "ref": self.ref, "reward": self.reward}
+            shares = {f"zero/{name}_param_share_rank{r}": s for name, engine in roles.items() if engine is not None
                       for r, s in enumerate(ds.partition_shares(engine.module))}  # fmt: skip
             self.logger.log({"data/train_prompts": len(self.train_prompts),
                              "data/eval_prompts": len(self.eval_prompts), **shares}, step=0)  # fmt: skip

@@ -133,3 +133,23 @@ def test_split_train_eval_is_seeded_and_disjoint():
     assert split_train_eval(list(range(100)), 0.1, seed=3) == (train, evals)
     with pytest.raises(DataError, match="eval_fraction"):
         split_train_eval(list(range(10)), 0.0, seed=0)
+
+
+def test_load_prompts_from_every_prompt_bearing_format(tmp_path):
+    from data.formats import load_prompts
+
+    rows = {
+        "prompt": [{"prompt": "hi"}, {"prompt": [{"role": "user", "content": "hi"}]}],
+        "sft:alpaca": [{"instruction": "hi", "output": "x"}],
+        "sft:messages": [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+        ],
+        "pref:pairwise": [{"prompt": "hi", "chosen": "a", "rejected": "b"}],
+        "pref:hh": [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}],
+    }
+    for fmt, records in rows.items():
+        path = tmp_path / f"{fmt.replace(':', '_')}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in records))
+        for given in (fmt, None):  # explicit and detected
+            prompts, _ = load_prompts(str(path), given)
+            assert prompts == [(Message("user", "hi"),)], (fmt, given, prompts)  # deduplicated

@@ -1,0 +1,145 @@
+"""PPO end to end on the built-in task: one process, LoRA, resume, two ranks with ZeRO-3, another RM tokenizer.
+
+The SFT and reward exports PPO starts from are trained once per module (about a minute).
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tests.conftest import ROOT, deepspeed_launcher, metric_series, read_metrics, run_stage, stage_env
+
+NO_LOG = ("logger=none",)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A default-recipe SFT export and a briefly trained reward model (gold accuracy about 0.88)."""
+    root = tmp_path_factory.mktemp("stages")
+    run_stage("sft", *NO_LOG, "train.eval_every=0", "train.num_samples=0", f"hydra.run.dir={root}/sft/run")
+    run_stage("reward", *NO_LOG, "train.max_steps=150", "data.builtin.num_prompts=10000", "optim.lr=1e-3",
+              "train.eval_every=0", f"hydra.run.dir={root}/reward/run")  # fmt: skip
+    return root
+
+
+def ppo_args(exports, run, *extra):
+    return (*NO_LOG, f"runs_dir={exports}", "train.save_every=0", f"hydra.run.dir={run}", *extra)
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_ppo_raises_reward_and_gold_reward_with_bounded_kl(exports, tmp_path):
+    run = tmp_path / "ppo"
+    run_stage("ppo", *ppo_args(exports, run, "train.max_steps=40", "train.eval_every=20"), timeout=600)
+    rows = read_metrics(run)
+    reward = [v for _, v in metric_series(rows, "ppo/reward")]
+    gold = [v for _, v in metric_series(rows, "gold/reward")]
+    kl = [v for _, v in metric_series(rows, "ppo/kl")]
+    assert len(reward) == 40
+    assert mean(reward[-8:]) > mean(reward[:8]) + 0.2, reward
+    assert mean(gold[-8:]) > mean(gold[:8]) + 0.2, gold
+    assert max(kl) < 5.0, kl  # nats per response; the KL penalty holds it
+    for key in ("ppo/entropy", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approxkl",
+                "ppo/value_explained_var", "ppo/response_len", "ppo/no_eos_frac", "ppo/kl_coef",
+                "time/generate_s", "time/train_s", "time/step_s", "eval/gold_reward"):  # fmt: skip
+        assert metric_series(rows, key), key
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "response", "reward"} <= samples[0].keys()
+    # the actor and critic exports load in transformers; the actor moved away from the SFT policy
+    actor = AutoModelForCausalLM.from_pretrained(run / "export")
+    AutoModelForSequenceClassification.from_pretrained(run / "export_critic")
+    sft = load_file(exports / "sft" / "run" / "export" / "model.safetensors")
+    trained = dict(actor.named_parameters())
+    assert any(not torch.equal(sft[k], trained[k].detach()) for k in sft if k in trained)
+
+
+def test_missing_exports_name_the_command_to_run_first(tmp_path):
+    proc = run_stage("ppo", *NO_LOG, f"runs_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0
+    assert "run `python -m sft` first" in proc.stderr + proc.stdout
+
+
+def test_lora_actor_uses_its_disabled_adapters_as_the_reference(exports, tmp_path):
+    run = tmp_path / "lora"
+    run_stage("ppo", *ppo_args(exports, run, "peft=lora", "peft.r=4", "train.max_steps=3", "train.eval_every=0",
+                               "actor_optim.lr=1e-3"))  # fmt: skip
+    rows = read_metrics(run)
+    assert not any(k.startswith("zero/ref_") for k in rows[0])  # no reference model was built
+    kl = [v for _, v in metric_series(rows, "ppo/kl")]
+    # LoRA starts as the identity (B = 0): the first rollout's policy is the reference exactly
+    assert abs(kl[0]) < 1e-4 and abs(kl[-1]) > 1e-3, kl
+    assert (run / "export" / "adapter_model.safetensors").is_file()
+
+
+def test_killed_run_resumes_to_the_same_result(exports, tmp_path):
+    # also restores: the adaptive KL coefficient, running reward statistics and the EMA shards
+    args = (*NO_LOG, f"runs_dir={exports}", "train.max_steps=6", "train.save_every=2", "train.eval_every=2",
+            "ppo.reward_norm=running", "ppo.kl_target=1.0", "ppo.ema_decay=0.5")  # fmt: skip
+    straight = tmp_path / "straight"
+    run_stage("ppo", *args, f"hydra.run.dir={straight}")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ppo", *args, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while (
+        not (killed / "checkpoints" / "latest").exists()
+        and time.monotonic() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_stage("ppo", *args, "train.resume=true", f"hydra.run.dir={killed}")
+    for export in ("export", "export_critic", "export_ema"):
+        a, b = (
+            load_file(straight / export / "model.safetensors"),
+            load_file(killed / export / "model.safetensors"),
+        )
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    last = lambda run, key: metric_series(read_metrics(run), key)[-1]  # noqa: E731
+    for key in ("ppo/kl_coef", "ppo/reward", "eval/reward"):
+        assert last(killed, key) == pytest.approx(last(straight, key), rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_two_ranks_zero3_partition_all_four_models(exports, tmp_path):
+    run = tmp_path / "z3"
+    run_stage("ppo", *ppo_args(exports, run, "deepspeed@actor_ds=zero3", "deepspeed@critic_ds=zero3", "deepspeed@frozen_ds=zero3",
+                               "train.max_steps=2", "train.eval_every=0", "rollout.batch_size=16",
+                               "train.micro_batch_size_per_device=4", "train.grad_accum_steps=2"),
+              launcher=deepspeed_launcher(2), timeout=600)  # fmt: skip
+    rows = read_metrics(run)
+    for role in ("actor", "critic", "ref", "reward"):
+        for r in (0, 1):
+            assert rows[0][f"zero/{role}_param_share_rank{r}"] == pytest.approx(0.5, abs=0.05), (
+                role,
+                rows[0],
+            )
+    assert len(metric_series(rows, "ppo/reward")) == 2
+    AutoModelForCausalLM.from_pretrained(run / "export")
+
+
+@pytest.mark.shared_data
+def test_reward_model_with_another_tokenizer(exports, shared_data, tmp_path):
+    rm = tmp_path / "rm_gpt2"
+    run_stage("reward", *NO_LOG, f"data_root={shared_data}", "model.tokenizer=${data_root}/tokenizers/gpt2",
+              "train.max_steps=20", "data.builtin.num_prompts=500", "train.micro_batch_size_per_device=16",
+              "train.eval_every=0", f"hydra.run.dir={rm}")  # fmt: skip
+    run = tmp_path / "ppo"
+    proc = run_stage("ppo", *ppo_args(exports, run, f"reward_model.name_or_path={rm}/export",
+                                      f"critic.name_or_path={exports}/sft/run/export", "train.max_steps=2",
+                                      "train.eval_every=0"))  # fmt: skip
+    assert "re-tokenised" in proc.stdout + proc.stderr
+    assert len(metric_series(read_metrics(run), "ppo/reward")) == 2
