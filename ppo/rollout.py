@@ -101,10 +101,14 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 
 def response_logits(model, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """The LM's logits that predict each response token: ids/mask [B, P + A] -> [B, A, V]."""
+    """The LM's logits that predict each response token: ids/mask [B, P + A] -> [B, A, V].
+
+    The LM head runs on those A positions only (`logits_to_keep`), not on the prompt.
+    """
+    width = ids.shape[1] - prompt_width
     out = model(input_ids=ids, attention_mask=mask.long(), position_ids=models.positions_from_mask(mask),
-                use_cache=False)  # fmt: skip
-    return out.logits[:, prompt_width - 1 : -1]
+                use_cache=False, logits_to_keep=width + 1)  # fmt: skip
+    return out.logits[:, :-1]  # [B, A, V]: positions P-1 .. P+A-2
 
 
 def response_values(model, head, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:

@@ -294,6 +294,41 @@ class PPORecipe:
                 out.append(ro.logprobs_from_logits(logits, response[k : k + n], T))
         return torch.cat(out)
 
+    def rollout_values(self, step: int, ids: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+        """V_old(s_t) of the rollout [B, A] from the critic before its update.
+
+        The critic's forward on the first minibatch of the first PPO epoch would see exactly these
+        weights, so below ZeRO-3 that forward is done here once, with its graph kept for the
+        update's backward (`self.critic_graphs`): one critic forward per step fewer.
+        """
+        head, micro = self.critic_head, self.cfg.train.micro_batch_size_per_device
+        values = torch.zeros(ids.shape[0], ids.shape[1] - width, device=self.device)
+        self.critic_graphs = {}
+        todo = torch.ones(len(ids), dtype=torch.bool)
+        if self.cfg.critic_ds.stage < 3:
+            first = self._epoch_orders(step, len(ids))[0][: self.minibatch]
+            for a in range(self.cfg.train.grad_accum_steps):
+                idx = first[a * micro : (a + 1) * micro]
+                v = ro.response_values(
+                    self.critic, head, ids[idx], mask[idx], width
+                )  # [micro, A], with graph
+                self.critic_graphs[a] = v
+                values[idx] = v.detach()
+                todo[idx] = False
+        rest = todo.nonzero().squeeze(1)
+        if len(rest):
+            self.critic.eval()
+            with torch.no_grad():
+                values[rest] = self._chunked(lambda i, m: ro.response_values(self.critic, head, i, m, width),
+                                             ids[rest], mask[rest])  # fmt: skip
+            self.critic.train()
+        return values
+
+    def _epoch_orders(self, step: int, n: int) -> list[torch.Tensor]:
+        """The shuffled order of the rollout batch for each PPO epoch: a pure function of (seed, step)."""
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        return [torch.randperm(n, generator=gen) for _ in range(self.cfg.ppo.epochs)]
+
     def decode(self, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [
             self.tokenizer.decode(r[m].tolist(), skip_special_tokens=True).strip()
@@ -319,12 +354,7 @@ class PPORecipe:
         ids, seq_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)
         width = prompt_ids.shape[1]
         ref_logprobs = self.ref_logprobs(ids, seq_mask, response, width)
-        self.critic.eval()
-        with torch.no_grad():
-            values = self._chunked(
-                lambda i, m: ro.response_values(self.critic, self.critic_head, i, m, width), ids, seq_mask
-            )
-        self.critic.train()
+        values = self.rollout_values(step, ids, seq_mask, width)
         raw = self.score(prompts, ids, seq_mask, response, mask)
         # 3. KL-penalised rewards (Ziegler et al. 2019 eq. 2): r_t = -beta KL_t, + normalised score at the end
         if p.reward_norm == "running":
@@ -388,14 +418,12 @@ class PPORecipe:
         c, p, t = self.cfg, self.cfg.ppo, self.cfg.train
         B, micro, accum = len(r.scores), t.micro_batch_size_per_device, t.grad_accum_steps
         n_mb = B // self.minibatch
-        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)  # same shuffles on resume
         ids, seq_mask = r.sequence
         width = r.prompt_ids.shape[1]
         T = c.rollout.temperature
         sums = torch.zeros(7, dtype=torch.float64)  # pg, vf, clipfrac, vclipfrac, approxkl, ptx, micro count
         stop = False
-        for _ in range(p.epochs):
-            order = torch.randperm(B, generator=gen)
+        for epoch, order in enumerate(self._epoch_orders(step, B)):  # same shuffles on resume
             # global valid tokens per minibatch / (ranks x accum): the loss normaliser (one all-reduce per epoch)
             local = [
                 float(r.response_mask[order[k * self.minibatch : (k + 1) * self.minibatch]].sum())
@@ -427,7 +455,12 @@ class PPORecipe:
                     self.actor.backward(loss)
                     self.actor.step()
                     # critic: clipped value loss
-                    v = ro.response_values(self.critic, self.critic_head, mids, mmask, width)
+                    if (
+                        epoch == 0 and k == 0 and a in self.critic_graphs
+                    ):  # the rollout's forward, same weights
+                        v = self.critic_graphs.pop(a)
+                    else:
+                        v = ro.response_values(self.critic, self.critic_head, mids, mmask, width)
                     vl = value_loss(v, mb.values, mb.returns, mb.response_mask, p.value_clip_eps, denoms[k])
                     self.critic.backward(vl.loss)
                     self.critic.step()
@@ -443,6 +476,7 @@ class PPORecipe:
                         break
             if stop:
                 break
+        self.critic_graphs = {}  # an early stop may leave some unused
         total = self._reduce(sums.tolist())
         n = max(total[6], 1.0)
         stats = {"ppo/policy_loss": total[0] / n, "ppo/value_loss": total[1] / n, "ppo/clipfrac": total[2] / n,

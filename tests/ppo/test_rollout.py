@@ -38,3 +38,35 @@ def test_rollout_select_and_sequence():
     assert sub.scores.tolist() == [2.0, 0.0] and sub.response_ids.shape == (2, A)
     ids, mask = sub.sequence
     assert ids.shape == (2, P + A) and mask.all()
+
+
+def test_padded_batch_scores_each_row_as_alone():
+    """Left-padded prompts of different lengths, responses with early EOS: log-probs and values of the
+    valid response tokens equal those of each row run alone without padding."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from ppo.rollout import response_logits, response_values
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, pad_token_id=PAD, eos_token_id=EOS)  # fmt: skip
+    lm = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    critic = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1)).eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    responses = torch.tensor([[11, 12, EOS, PAD], [13, EOS, PAD, PAD]])
+    pids, pmask = pad_rows(prompts, PAD, "left", torch.device("cpu"))
+    rmask = response_mask(responses, EOS, True)
+    ids, mask = torch.cat([pids, responses], 1), torch.cat([pmask, rmask], 1)
+    with torch.no_grad():
+        lp = logprobs_from_logits(response_logits(lm, ids, mask, pids.shape[1]), responses, 1.0)
+        v = response_values(critic, critic.score, ids, mask, pids.shape[1])
+        for b, prompt in enumerate(prompts):
+            n = int(rmask[b].sum())
+            alone = torch.tensor([prompt + responses[b, :n].tolist()])
+            ones = torch.ones_like(alone, dtype=torch.bool)
+            lp_alone = logprobs_from_logits(
+                response_logits(lm, alone, ones, len(prompt)), responses[b : b + 1, :n], 1.0
+            )
+            v_alone = response_values(critic, critic.score, alone, ones, len(prompt))
+            torch.testing.assert_close(lp[b, :n], lp_alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[b, :n], v_alone[0], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""PPO step time, this project vs TRL's PPOTrainer, on the seeded workloads of ../shared/bench.
+
+    pip install --target /tmp/trl-peer --no-deps trl==1.12.0      # the peer, apart from the project
+    python benchmarks/ppo_vs_trl.py --peer-path /tmp/trl-peer [--sizes tiny small] [--rounds 3] [--steps 6]
+
+For each size: builds the workload (make_workload.py), then runs the project
+(`python -m ppo experiment=bench`) and the peer (trl_ppo_peer.py) in turn, `--rounds` times,
+alternating which goes first, and prints the median step time of each (the first step of every
+run is warm-up and not counted), the ratio project / peer, and the model-FLOPs utilisation of both:
+the FLOPs a PPO step needs divided by the fp32 matmul rate torch reaches on this machine now.
+Not part of `make test`: absolute times on a shared machine are noise; the ratio is the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_rate(n: int = 2048, reps: int = 10) -> float:
+    """fp32 FLOP/s of a square matmul in torch on this machine (the MFU denominator)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def step_flops(workload: Path, batch: int, response_len: int) -> float:
+    """Model FLOPs of one PPO step on the workload: 2 per parameter per token for each forward,
+    6 for each trained forward + backward, plus attention scores (Kaplan et al. 2020 counting).
+
+    Generation (KV cache, prompt + response) 1 forward of the policy; reference 1; reward 1;
+    critic 1 (values) + 3 (update); actor 3 (update): 10 N_policy + 10 N_critic per token-row.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workload / "tokenizer")
+    prompts = [json.loads(line)["prompt"] for line in (workload / "prompts.jsonl").read_text().splitlines()]
+    prompt_len = statistics.mean(len(tok(p)["input_ids"]) for p in prompts)
+    tokens = batch * (prompt_len + response_len)
+    total = 0.0
+    for role in ("policy", "reward"):
+        c = AutoConfig.from_pretrained(workload / role)
+        d, L = c.hidden_size, c.num_hidden_layers
+        per_layer = 4 * d * d + 3 * d * c.intermediate_size  # q, k, v, o + gate, up, down
+        head = d * c.vocab_size if role == "policy" else d  # LM head vs scalar head
+        n = L * per_layer + head
+        attn = (
+            2 * L * (prompt_len + response_len) * d
+        )  # QK^T and AV per token (causal: about half of 4*L*T*d)
+        total += 10 * (2 * n + attn) / 2 * tokens
+    return total
+
+
+def run(cmd: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def project_median(workload: Path, steps: int, out: Path) -> float:
+    run([sys.executable, "-m", "ppo", "experiment=bench", f"bench.workload={workload}", f"bench.steps={steps}",
+         f"hydra.run.dir={out}"], dict(os.environ, WANDB_MODE="disabled"))  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [r["time/step_s"] for r in rows if "time/step_s" in r]
+    return statistics.median(times[1:])
+
+
+def peer_median(workload: Path, steps: int, peer_path: str, bench_dir: Path) -> float:
+    env = dict(os.environ, PYTHONPATH=peer_path, WANDB_MODE="disabled")
+    out = run([sys.executable, str(bench_dir / "trl_ppo_peer.py"), str(workload), "--steps", str(steps)], env)
+    return json.loads(out.strip().splitlines()[-1])["median_step_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer-path", required=True, help="directory where trl==1.12.0 is installed (--target)")
+    ap.add_argument("--bench-dir", default=str(ROOT.parent / "shared" / "bench"))
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    bench_dir = Path(args.bench_dir)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ppo-bench-"))
+    rate = matmul_rate()
+    print(f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    for size in args.sizes:
+        workload = work / f"workload-{size}"
+        if not (workload / "prompts.jsonl").is_file():
+            run(
+                [sys.executable, str(bench_dir / "make_workload.py"), str(workload), "--size", size],
+                dict(os.environ),
+            )
+        ours, peer = [], []
+        for r in range(args.rounds):
+            first_ours = r % 2 == 0  # alternate the order: neither side always runs on a warmer machine
+            for who in ("ours", "peer") if first_ours else ("peer", "ours"):
+                if who == "ours":
+                    ours.append(project_median(workload, args.steps, work / f"run-{size}-{r}"))
+                else:
+                    peer.append(peer_median(workload, args.steps, args.peer_path, bench_dir))
+            print(f"{size} round {r}: project {ours[-1]:.3f} s/step, TRL {peer[-1]:.3f} s/step", flush=True)
+        o, p = statistics.median(ours), statistics.median(peer)
+        flops = step_flops(workload, batch=32, response_len=32)
+        print(json.dumps({"size": size, "project_median_step_s": round(o, 4), "trl_median_step_s": round(p, 4),
+                          "ratio_project_over_trl": round(o / p, 3), "step_gflop": round(flops / 1e9, 2),
+                          "mfu_project": round(flops / o / rate, 3), "mfu_trl": round(flops / p / rate, 3),
+                          "matmul_gflops": round(rate / 1e9, 1)}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
