@@ -21,10 +21,11 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def stage_env() -> dict[str, str]:
+def stage_env(threads: int = 1) -> dict[str, str]:
+    """The environment of a stage subprocess: offline wandb, no launcher leftovers, `threads` per process."""
     env = dict(os.environ)
     env.update(
-        WANDB_MODE="offline", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"
+        WANDB_MODE="offline", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads)
     )
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLHF_RUN_STAMP"):
         env.pop(var, None)
@@ -36,8 +37,10 @@ def run_stage(
 ):
     """Run `python -m module overrides...` (or under a launcher) from the project root."""
     cmd = [*launcher, module] if launcher else [sys.executable, "-m", module]
+    # one process may use every core (tests run one at a time); launched ranks share them
+    threads = 1 if launcher else (os.cpu_count() or 1)
     proc = subprocess.run(
-        [*cmd, *overrides], cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=timeout
+        [*cmd, *overrides], cwd=ROOT, env=stage_env(threads), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(
