@@ -25,7 +25,10 @@ def stage_env(threads: int = 1) -> dict[str, str]:
     """The environment of a stage subprocess: offline wandb, no launcher leftovers, `threads` per process."""
     env = dict(os.environ)
     env.update(
-        WANDB_MODE="offline", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads)
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(threads),
     )
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLHF_RUN_STAMP"):
         env.pop(var, None)
