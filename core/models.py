@@ -226,6 +226,17 @@ def build_model(model_cfg, peft_cfg, tokenizer, precision: str, *, head: str) ->
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout to p = 0 (as TRL and OpenRLHF do for PPO).
+
+    With dropout, the update's forward would not reproduce the rollout's log-probs and values
+    even before any step, so PPO's ratio would start away from 1.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

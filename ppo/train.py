@@ -30,6 +30,7 @@ from data.formats import Conversation, Message, load_prompts, split_train_eval
 from data.templates import PromptFormatter
 from ppo import rollout as ro
 from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
+from ppo.kl import ESTIMATORS as KL_ESTIMATORS
 from ppo.kl import KLController, kl_estimate
 from ppo.loss import entropy_from_logits, kl_loss, policy_loss, value_loss
 from ppo.ptx import PtxData
@@ -66,13 +67,15 @@ class PPORecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        transformers.set_seed(cfg.train.seed + dist.rank())  # sampling differs per rank
+        self._check_choices()
+        transformers.set_seed(cfg.train.seed)  # the same new heads / adapters on every rank
         self.device = dist.device()
         self.world = dist.world_size()
         self._resolve_paths()
         self._setup_tokenizers()
         self._setup_data()
         self._setup_models()
+        transformers.set_seed(cfg.train.seed + 1 + dist.rank())  # then each rank samples its own responses
         self.kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.score_moments = RunningMoments()
         self.ema = (
@@ -90,6 +93,15 @@ class PPORecipe:
                       for r, s in enumerate(ds.partition_shares(engine.module))}  # fmt: skip
             self.logger.log({"data/train_prompts": len(self.train_prompts),
                              "data/eval_prompts": len(self.eval_prompts), **shares}, step=0)  # fmt: skip
+
+    def _check_choices(self) -> None:
+        """Fail before loading anything on a misspelt choice (a typo must not silently turn the KL off)."""
+        p = self.cfg.ppo
+        for key, value, allowed in (("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS),
+                                    ("ppo.kl_in", p.kl_in, ("reward", "loss")),
+                                    ("ppo.reward_norm", p.reward_norm, ("none", "rm_stats", "running"))):  # fmt: skip
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
     def _resolve_paths(self) -> None:
         """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""
@@ -187,11 +199,13 @@ class PPORecipe:
 
         with ds.model_init(actor_cfg):
             actor = models.build_model(c.actor, c.peft, self.tokenizer, t.precision, head="lm")
+        models.disable_dropout(actor)
         self.actor = engine(actor, actor_cfg, c.actor_optim)
         self.actor_zero3 = c.actor_ds.stage == 3
         no_peft = OmegaConf.create({"type": "none"})
         with ds.model_init(critic_cfg):
             critic = models.build_model(c.critic, no_peft, self.tokenizer, t.precision, head="score")
+        models.disable_dropout(critic)
         self.critic = engine(critic, critic_cfg, c.critic_optim)
         self.critic_head = models.score_head(self.critic.module)
 
@@ -210,10 +224,6 @@ class PPORecipe:
 
     def _reward_stats(self) -> dict[str, float] | None:
         if self.cfg.ppo.reward_norm != "rm_stats":
-            if self.cfg.ppo.reward_norm not in ("none", "running"):
-                raise ConfigError(
-                    f"ppo.reward_norm must be none, rm_stats or running, got {self.cfg.ppo.reward_norm!r}"
-                )
             return None
         path = Path(self.cfg.reward_model.name_or_path, REWARD_STATS)
         if not path.is_file():
@@ -518,7 +528,7 @@ class PPORecipe:
         prompts = (
             self.eval_prompts[: t.eval_batches * self.local_batch] if t.eval_batches else self.eval_prompts
         )
-        ids = [self._encode_prompt(p) for p in prompts]
+        ids = self.eval_ids[: len(prompts)]
         per_rank = math.ceil(len(ids) / self.world)
         lo = dist.rank() * per_rank
         mine = list(range(lo, min(lo + per_rank, len(ids))))

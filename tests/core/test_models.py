@@ -1,4 +1,5 @@
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from core.models import PAD_TOKEN, ModelError, load_model, load_tokenizer, resolve_precision
@@ -50,3 +51,16 @@ def test_clear_errors_for_bad_model_settings(tmp_path):
     with pytest.raises(ModelError, match="train.precision must be"):
         resolve_precision("fp8")
     assert resolve_precision("auto") in ("fp32", "bf16", "fp16")
+
+
+def test_disable_dropout_sets_every_dropout_to_zero():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from core.models import disable_dropout
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    disable_dropout(model)
+    model.train()
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
