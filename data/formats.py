@@ -556,8 +556,13 @@ def load_prompts(
     """Rollout prompts (messages ending with a user turn) from any prompt-bearing format, deduplicated.
 
     Formats: `prompt` ({"prompt": str | messages}), `sft:<alpaca|messages|sharegpt>` (the turns
-    before the last reply), `pref:<pairwise|hh|sharegpt_pairs|ranked>` (the pair's prompt).
+    before the last reply), `pref:<pairwise|hh|sharegpt_pairs|ranked>` (the pair's prompt); the
+    names without their prefix work too.
     """
+    if fmt in SFT_FORMATS and fmt != "prompt":  # the stage formats' own names work too
+        fmt = f"sft:{fmt}"
+    elif fmt in PREFERENCE_FORMATS:
+        fmt = f"pref:{fmt}"
     prompts, report = load_records(
         paths, fmt, PROMPT_FORMATS, detect_prompt_format, on_error=on_error, split=split
     )

@@ -150,6 +150,6 @@ def test_load_prompts_from_every_prompt_bearing_format(tmp_path):
     for fmt, records in rows.items():
         path = tmp_path / f"{fmt.replace(':', '_')}.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in records))
-        for given in (fmt, None):  # explicit and detected
+        for given in (fmt, fmt.split(":")[-1], None):  # explicit, without its prefix, and detected
             prompts, _ = load_prompts(str(path), given)
             assert prompts == [(Message("user", "hi"),)], (fmt, given, prompts)  # deduplicated
