@@ -157,3 +157,21 @@ def test_other_knobs_run_ptx_kl_as_loss_entropy_early_stop(exports, tmp_path):
     # a threshold below any KL stops each update after its first minibatch: 1 of 3 epochs x 2 minibatches
     assert [v for _, v in metric_series(rows, "ppo/epochs_done")] == [0.5, 0.5]
     assert min(v for _, v in metric_series(rows, "ppo/response_len")) >= 2
+
+
+def test_reused_critic_forward_matches_a_fresh_one(exports, tmp_path):
+    """Below ZeRO-3 the update reuses the rollout's critic forward for the first minibatch; ZeRO-3 (one
+    process) recomputes it. Both must train the critic to the same weights."""
+    runs = {}
+    for stage in ("zero2", "zero3"):
+        runs[stage] = tmp_path / stage
+        run_stage("ppo", *ppo_args(exports, runs[stage], f"deepspeed@critic_ds={stage}", "train.max_steps=2",
+                                   "train.eval_every=0", "train.grad_accum_steps=2",
+                                   "train.micro_batch_size_per_device=16"))  # fmt: skip
+    a = load_file(runs["zero2"] / "export_critic" / "model.safetensors")
+    b = load_file(runs["zero3"] / "export_critic" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    va = [v for _, v in metric_series(read_metrics(runs["zero2"]), "ppo/value_loss")]
+    vb = [v for _, v in metric_series(read_metrics(runs["zero3"]), "ppo/value_loss")]
+    assert va == pytest.approx(vb, rel=1e-4)
