@@ -36,6 +36,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 EXPORT_INFO = "export_info.json"
+# Written beside a reward model's export: its score mean / std on the eval set (PPO normalises with them).
+REWARD_STATS = "reward_stats.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -166,6 +168,12 @@ def resume_state(engines, run_dir: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- export
+
+
+def newest_export(runs_dir: str | Path, stage: str) -> Path | None:
+    """The newest complete export of a stage's runs (`<runs_dir>/<stage>/*/export`), or None."""
+    found = sorted(Path(runs_dir, stage).glob(f"*/export/{EXPORT_INFO}"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
 
 
 def export_model(

@@ -62,12 +62,13 @@ class PtxConfig:
     path: str | None = MISSING
     format: str | None = MISSING
     micro_batch_size_per_device: int = MISSING
+    builtin_demonstrations: int = MISSING
 
 
 @dataclass
 class BenchConfig:
-    workload: str | None = None
-    steps: int = 0
+    workload: str | None = MISSING
+    steps: int = MISSING
 
 
 @dataclass

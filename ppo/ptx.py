@@ -18,9 +18,9 @@ from data.templates import PromptFormatter
 class PtxData:
     """Demonstrations for the ptx loss, one micro-batch per actor micro-step, in a seeded order."""
 
-    def __init__(self, cfg, formatter: PromptFormatter, max_len: int, world: int, seed: int):
-        if cfg.path == "builtin":
-            convs, _ = sft_conversations(4000, 0, 0.0)
+    def __init__(self, cfg, formatter: PromptFormatter, max_len: int, world: int, seed: int, task_seed: int):
+        if cfg.path == "builtin":  # demonstrations on the training prompts only (held-out ones stay unseen)
+            convs, _ = sft_conversations(cfg.builtin_demonstrations, task_seed, 0.0)
         else:
             convs, _ = load_conversations(cfg.path, cfg.format)
         self.examples = [formatter.encode(c, max_len=max_len) for c in convs]

@@ -76,12 +76,15 @@ def sample(
     pad_id: int,
     stop_at_eos: bool,
     synced_gpus: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample responses with transformers' `generate` (KV cache).
 
-    Returns (response_ids [B, A], logits [B, A, V] of the sampling pass at temperature 1, before
-    any top-k / top-p filtering): the old log-probs come from these, saving one actor forward.
-    A <= max_new_tokens (generation stops when every row has hit EOS).
+    Returns (response_ids [B, A], logprobs [B, A], entropy [B, A]): the log-probability of each
+    sampled token and the policy's entropy, both at `temperature` and before any top-k / top-p
+    filtering, read from the sampling pass's own logits (this saves one actor forward). They are
+    computed one step at a time, so no [B, A, V] float copy is ever made (with a 128k vocabulary
+    that copy alone would take gigabytes). A <= max_new_tokens (generation stops when every row
+    has hit EOS).
     """
     out = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=True, temperature=temperature,
@@ -90,8 +93,12 @@ def sample(
         output_logits=True, return_dict_in_generate=True, use_cache=True,
     )  # fmt: skip
     response = out.sequences[:, prompt_ids.shape[1] :]  # [B, A]
-    logits = torch.stack(out.logits, dim=1)  # [B, A, V]
-    return response, logits
+    logprobs, entropy = [], []
+    for t, step_logits in enumerate(out.logits):  # each [B, V], raw (unprocessed) logits
+        logp = torch.log_softmax(step_logits.float() / temperature, dim=-1)
+        logprobs.append(logp.gather(-1, response[:, t, None]).squeeze(-1))
+        entropy.append(-(logp.exp() * logp).sum(-1))
+    return response, torch.stack(logprobs, 1), torch.stack(entropy, 1)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 
 from core import checkpoint, dist, models
@@ -37,8 +37,6 @@ from ppo.ptx import PtxData
 
 log = logging.getLogger(__name__)
 
-REWARD_STATS = "reward_stats.json"
-
 
 class ConfigError(ValueError):
     """A user-fixable problem with the PPO settings."""
@@ -46,13 +44,13 @@ class ConfigError(ValueError):
 
 def newest_export(runs_dir: str, stage: str) -> str:
     """The newest complete export of `python -m <stage>` under runs_dir, or a clear error."""
-    found = sorted(Path(runs_dir, stage).glob("*/export/export_info.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = checkpoint.newest_export(runs_dir, stage)
+    if found is None:
         raise ConfigError(
             f"no `{stage}` export under {runs_dir}/{stage}/: run `python -m {stage}` first, "
             f"or give the path (e.g. {'actor' if stage == 'sft' else 'reward_model'}.name_or_path=DIR)"
         )
-    return str(found[-1].parent)
+    return str(found)
 
 
 class PPORecipe:
@@ -106,7 +104,7 @@ class PPORecipe:
     def _resolve_paths(self) -> None:
         """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""
         c = self.cfg
-        with _writable(c):
+        with open_dict(c):  # fill in the resolved paths (they are logged with the config)
             c.actor.name_or_path = c.actor.name_or_path or newest_export(c.runs_dir, "sft")
             c.reward_model.name_or_path = c.reward_model.name_or_path or newest_export(c.runs_dir, "reward")
             c.ref.name_or_path = c.ref.name_or_path or c.actor.name_or_path
@@ -169,7 +167,7 @@ class PPORecipe:
             )
         self.prompt_batches = GlobalBatches(len(self.train_ids), self.local_batch, 1, self.world, t.seed)
         self.ptx = (
-            PtxData(c.ptx, self.formatter, d.max_len + r.max_new_tokens, self.world, t.seed)
+            PtxData(c.ptx, self.formatter, d.max_len + r.max_new_tokens, self.world, t.seed, d.builtin.seed)
             if c.ptx.coef
             else None
         )
@@ -225,7 +223,7 @@ class PPORecipe:
     def _reward_stats(self) -> dict[str, float] | None:
         if self.cfg.ppo.reward_norm != "rm_stats":
             return None
-        path = Path(self.cfg.reward_model.name_or_path, REWARD_STATS)
+        path = Path(self.cfg.reward_model.name_or_path, checkpoint.REWARD_STATS)
         if not path.is_file():
             raise ConfigError(f"ppo.reward_norm=rm_stats needs {path} (written by `python -m reward`); "
                               "use ppo.reward_norm=running or none for this reward model")  # fmt: skip
@@ -239,24 +237,24 @@ class PPORecipe:
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample one response per prompt.
 
         Returns prompt_ids [B, P] (left-padded), prompt_mask [B, P], response_ids [B, A] and the
-        sampling pass's logits [B, A, V].
+        sampling pass's log-probs and entropy [B, A] (see `rollout.sample`).
         """
         r = self.cfg.rollout
         prompt_ids, prompt_mask = ro.pad_rows(prompts, self.pad_id, "left", self.device)
         self.actor.eval()
         gather = r.gather_once and self.actor_zero3
         with ds.gathered_for_generation(self.actor, gather) as module, self._lora_merged(module, gather):
-            response, logits = ro.sample(
+            response, logprobs, entropy = ro.sample(
                 module, prompt_ids, prompt_mask, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
                 temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_id=self.eos_id, pad_id=self.pad_id,
                 stop_at_eos=r.stop_at_eos, synced_gpus=self.actor_zero3 and not gather and self.world > 1,
             )  # fmt: skip
         self.actor.train()
-        return prompt_ids, prompt_mask, response, logits
+        return prompt_ids, prompt_mask, response, logprobs, entropy
 
     @contextlib.contextmanager
     def _lora_merged(self, module, gathered: bool):
@@ -353,12 +351,12 @@ class PPORecipe:
         prompts = [self.train_prompts[i] for i in index]
         # 1. generate
         t0 = time.perf_counter()
-        prompt_ids, prompt_mask, response, logits = self.generate([self.train_ids[i] for i in index])
-        logprobs = ro.logprobs_from_logits(logits, response, c.rollout.temperature)  # [B, A] log pi_old
+        prompt_ids, prompt_mask, response, logprobs, token_entropy = self.generate(
+            [self.train_ids[i] for i in index]
+        )  # logprobs [B, A]: log pi_old
         mask = ro.response_mask(response, self.eos_id, c.rollout.stop_at_eos)  # [B, A]
         has_eos = ro.ends_with_eos(response, mask, self.eos_id)
-        entropy = (entropy_from_logits(logits / c.rollout.temperature) * mask).sum()  # for the metric
-        del logits
+        entropy = (token_entropy * mask).sum()  # for the metric
         t_gen = time.perf_counter() - t0
         # 2. score: reference log-probs, values, reward-model score
         ids, seq_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)
@@ -431,7 +429,9 @@ class PPORecipe:
         ids, seq_mask = r.sequence
         width = r.prompt_ids.shape[1]
         T = c.rollout.temperature
-        sums = torch.zeros(7, dtype=torch.float64)  # pg, vf, clipfrac, vclipfrac, approxkl, ptx, micro count
+        # pg, vf, clipfrac, vclipfrac, approxkl, ptx, micro count: summed on the device, one sync per step
+        sums = torch.zeros(7, device=self.device)
+        one = torch.ones((), device=self.device)
         stop = False
         for epoch, order in enumerate(self._epoch_orders(step, B)):  # same shuffles on resume
             # global valid tokens per minibatch / (ranks x accum): the loss normaliser (one all-reduce per epoch)
@@ -441,7 +441,7 @@ class PPORecipe:
             ]
             denoms = [max(x, 1.0) / (accum * self.world) for x in self._reduce(local)]
             for k in range(n_mb):
-                mb_kl = torch.zeros((), dtype=torch.float64)
+                mb_kl = torch.zeros((), device=self.device)
                 for a in range(accum):
                     idx = order[k * self.minibatch + a * micro : k * self.minibatch + (a + 1) * micro]
                     mb, mids, mmask = r.select(idx), ids[idx], seq_mask[idx]
@@ -458,7 +458,7 @@ class PPORecipe:
                     if p.kl_in == "loss":
                         kl = kl_estimate(logp, mb.ref_logprobs, p.kl_estimator)
                         loss = loss + self.kl_ctl.value * kl_loss(kl, mb.response_mask, denoms[k])
-                    ptx = torch.zeros(())
+                    ptx = torch.zeros((), device=self.device)
                     if self.ptx is not None:
                         ptx = self.ptx.loss(self.actor, self.device)
                         loss = loss + c.ptx.coef * ptx
@@ -474,13 +474,14 @@ class PPORecipe:
                     vl = value_loss(v, mb.values, mb.returns, mb.response_mask, p.value_clip_eps, denoms[k])
                     self.critic.backward(vl.loss)
                     self.critic.step()
-                    sums += torch.tensor([pl.loss.item() * denoms[k] / max(float(mb.response_mask.sum()), 1.0),
-                                          vl.loss.item() * denoms[k] / max(float(mb.response_mask.sum()), 1.0),
-                                          pl.clipfrac.item(), vl.clipfrac.item(), pl.approxkl.item(), ptx.item(), 1.0],
-                                         dtype=torch.float64)  # fmt: skip
-                    mb_kl += pl.approxkl.item()
+                    to_token_mean = denoms[k] / mb.response_mask.sum().clamp(
+                        min=1
+                    )  # local token means, for logs
+                    sums += torch.stack([pl.loss.detach() * to_token_mean, vl.loss.detach() * to_token_mean,
+                                         pl.clipfrac, vl.clipfrac, pl.approxkl, ptx.detach(), one]).float()  # fmt: skip
+                    mb_kl += pl.approxkl
                 if p.early_stop_kl is not None:
-                    (kl_sum,) = self._reduce([float(mb_kl) / accum])
+                    (kl_sum,) = self._reduce([float(mb_kl) / accum])  # a sync per minibatch, only when asked
                     if kl_sum / self.world > p.early_stop_kl:
                         stop = True
                         break
@@ -536,7 +537,7 @@ class PPORecipe:
         for k in range(0, per_rank, self.local_batch):  # equal number of calls on every rank (collectives)
             chunk = mine[k : k + self.local_batch] or [0]
             real = len(mine[k : k + self.local_batch])
-            prompt_ids, prompt_mask, response, _ = self.generate([ids[i] for i in chunk])
+            prompt_ids, prompt_mask, response, _, _ = self.generate([ids[i] for i in chunk])
             mask = ro.response_mask(response, self.eos_id, self.cfg.rollout.stop_at_eos)
             seq_ids, seq_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)
             raw = self.score([prompts[i] for i in chunk], seq_ids, seq_mask, response, mask)[:real]
@@ -609,12 +610,3 @@ def _swapped(targets: list[torch.Tensor], values: list[torch.Tensor]):
     finally:
         for t, s in zip(targets, saved):
             t.copy_(s)
-
-
-@contextlib.contextmanager
-def _writable(cfg: DictConfig):
-    """Allow filling in resolved values (model paths) on a struct-mode config."""
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        yield

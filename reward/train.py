@@ -32,8 +32,6 @@ from reward.loss import accuracy, centering_penalty, preference_loss
 
 log = logging.getLogger(__name__)
 
-REWARD_STATS = "reward_stats.json"
-
 
 @dataclass
 class EncodedPair:
@@ -261,7 +259,7 @@ class RewardRecipe:
         if self.reward_stats is None:
             self.evaluate(final=True)
         info = {"stage": "reward", "step": self.step, "peft": self.cfg.peft.type}
-        extra = {REWARD_STATS: json.dumps(self.reward_stats, indent=2)}
+        extra = {checkpoint.REWARD_STATS: json.dumps(self.reward_stats, indent=2)}
         checkpoint.export_model(self.engine, self.tokenizer, self.run_dir / "export",
                                 merge_lora=self.cfg.peft.merge_on_export, info=info, extra_files=extra)  # fmt: skip
 
