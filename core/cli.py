@@ -1,0 +1,35 @@
+"""The `rlhf` command.
+
+rlhf pipeline [key=value ...]     SFT -> reward -> PPO -> gold evaluation -> report (conf/pipeline.yaml)
+rlhf evaluate POLICY_DIR [...]    the gold evaluation of one export (rlhf evaluate -h)
+rlhf sft|reward|ppo [key=value]   one stage, the same as python -m <stage>
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = ("pipeline", "evaluate", "sft", "reward", "ppo")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        sys.stderr.write(__doc__.lstrip("\n").split("\n\n", 1)[1])
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "pipeline":
+        from core import pipeline
+
+        pipeline.cli(rest)
+    elif command == "evaluate":
+        from core import evaluate
+
+        evaluate.cli(rest)
+    else:  # a stage: its own entry point, in this process
+        os.execv(sys.executable, [sys.executable, "-m", command, *rest])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The whole recipe from one command: SFT -> reward model -> PPO, a gold evaluation and a report.
+
+    rlhf pipeline [key=value ...]                      (or: python -m core.pipeline ...)
+    rlhf pipeline sft.optim.lr=1e-4 ppo.kl_coef=0.1    any stage key, prefixed with its stage
+    rlhf pipeline -m ppo.kl_coef=0.01,0.05,0.2         a sweep: SFT and reward run once, PPO per value
+
+Each stage runs as its own process (`python -m <stage>`, or under the `deepspeed` launcher) in
+`<run>/<stage>`, with its config composed from `conf/<stage>.yaml` plus the overrides under the
+pipeline's `sft:` / `reward:` / `ppo:` keys, and the previous stage's export as its model:
+
+    sft/export     -> reward.model (init), ppo.actor, ppo.ref
+    reward/export  -> ppo.reward_model, ppo.critic (init)
+
+A stage's *key* is a hash of its resolved config (minus logging and resume switches) and the keys
+of the stages it reads. Re-running a command skips each stage whose export carries the same key,
+resumes a stage that was interrupted (same key, no finished export), and re-runs a stage whose
+config changed (and so, through the keys, every stage after it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from core.checkpoint import EXPORT_INFO, atomic_write_text
+from core.deepspeed import ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "reward", "ppo")
+# Whose exports each stage reads (the hand-off), and where they go in its config.
+UPSTREAM = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward")}
+HANDOFF = {
+    "reward": {"model": "sft"},
+    "ppo": {"actor": "sft", "ref": "sft", "reward_model": "reward", "critic": "reward"},
+}
+# Config parts that change how a run is watched or restarted, not what it computes.
+UNHASHED = ("logger", "train.resume")
+STAGE_STATE = "pipeline_stage.json"  # <stage dir>/ at the start; <stage dir>/export/ when finished
+STAGE_CONFIG = "pipeline_stage_config"  # <stage dir>/pipeline_stage_config.yaml, what the stage runs
+
+
+@dataclass
+class LauncherConfig:
+    num_gpus: int | None = MISSING
+    num_procs: int = MISSING
+    hostfile: str | None = MISSING
+    master_port: int | None = MISSING
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineSection:
+    name: str = MISSING
+    stages: list[str] = MISSING
+    from_stage: str | None = MISSING
+    wandb_group: str | None = MISSING
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = MISSING
+    samples_per_prompt: int = MISSING
+    num_report_samples: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class PipelineConfig:
+    data_root: str = MISSING
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Overrides of each stage's own config (conf/<stage>.yaml), any key: sft.optim.lr=1e-4
+    sft: dict[str, Any] = field(default_factory=dict)
+    reward: dict[str, Any] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def stage_overrides_argv(argv: list[str]) -> list[str]:
+    """Let `sft.optim.lr=1e-4` reach the open `sft:` node: Hydra needs `++` to add a key there."""
+    out = []
+    for arg in argv:
+        head = arg.split("=", 1)[0]
+        if "=" in arg and not arg.startswith(("+", "~")) and head.split(".", 1)[0] in STAGES and "." in head:
+            arg = "++" + arg
+        out.append(arg)
+    return out
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+
+def _flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict) and (node or not prefix):
+        for k, v in node.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, node
+
+
+def compose_stage(
+    stage: str, overrides: dict[str, Any], handoff: dict[str, str], data_root: str
+) -> DictConfig:
+    """The stage's resolved config: conf/<stage>.yaml, then the hand-off paths, then the user's overrides.
+
+    A string given for a config-group package (`sft.model=gpt2`, `ppo.actor_ds=zero3`,
+    `reward.experiment=quick`) selects that group's file; every other key sets a value and is
+    type-checked against the stage's schema. In the PPO stage, a key of its `ppo:` section may be
+    given without the section (`ppo.kl_coef` = `ppo.ppo.kl_coef`).
+    """
+    importlib.import_module(f"{stage}.config")  # registers the stage's schema
+    base = hydra.compose(config_name=stage, return_hydra_config=True)
+    # e.g. {"model@actor": "tiny", "experiment": None} -> package -> "group@package"
+    packages = {k.split("@")[-1]: k for k in base.hydra.runtime.choices if not k.startswith("hydra")}
+    groups, values = [], []
+    for key, value in _flatten(overrides):
+        if "." not in key and key in packages and (value is None or isinstance(value, str)):
+            groups.append(f"{packages[key]}={'null' if value is None else value}")
+        else:
+            values.append((key, value))
+    cfg = hydra.compose(config_name=stage, overrides=groups)
+    with open_dict(cfg):
+        cfg.data_root = data_root  # one data root for the whole pipeline
+        for role, upstream_path in handoff.items():
+            cfg[role].name_or_path = upstream_path
+            cfg[role].tokenizer = None  # the tokenizer saved with the export
+    for key, value in values:
+        if (
+            stage == "ppo"
+            and OmegaConf.select(cfg, key.split(".")[0]) is None
+            and key.split(".")[0] in cfg.ppo
+        ):
+            key = f"ppo.{key}"
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"{stage}.{key}: conf/{stage}.yaml has no such key")
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except Exception as e:  # omegaconf's validation errors: re-raise naming the pipeline key
+            raise ConfigError(f"{stage}.{key}={value!r}: {e}") from e
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def stage_key(stage: str, cfg: DictConfig, upstream_keys: dict[str, str]) -> str:
+    """sha256 of the resolved stage config (without UNHASHED parts) and the keys of its inputs.
+
+    A handed-over model path counts by its stage's key, not its location, so a run directory
+    that is moved or copied is still up to date.
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for role, upstream in HANDOFF.get(stage, {}).items():
+        if upstream in upstream_keys:
+            plain[role]["name_or_path"] = f"<{upstream} export>"
+    for dotted in UNHASHED:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    blob = json.dumps({"stage": stage, "config": plain, "inputs": upstream_keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- stage state
+
+
+def finished_key(stage_dir: Path) -> str | None:
+    """The key of the stage's complete export, or None when it has none."""
+    state = stage_dir / "export" / STAGE_STATE
+    if not (state.is_file() and (stage_dir / "export" / EXPORT_INFO).is_file()):
+        return None
+    return json.loads(state.read_text())["key"]
+
+
+def started_key(stage_dir: Path) -> str | None:
+    state = stage_dir / STAGE_STATE
+    return json.loads(state.read_text())["key"] if state.is_file() else None
+
+
+def plan_stage(stage_dir: Path, key: str, forced: bool) -> str:
+    """skip | resume | run, from what `stage_dir` holds."""
+    if forced:
+        return "run"
+    if finished_key(stage_dir) == key:
+        return "skip"
+    if started_key(stage_dir) == key:
+        return "resume"
+    return "run"
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: Path) -> Iterator[None]:
+    """One process at a time per stage directory (parallel sweep jobs share SFT and reward)."""
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir.parent / f".{stage_dir.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def stage_command(stage: str, stage_dir: Path, launcher: DictConfig) -> list[str]:
+    """`python -m <stage>` or `deepspeed ... --module <stage>`, reading the config written in stage_dir."""
+    args = [
+        "--config-dir", str(stage_dir.resolve()), "--config-name", STAGE_CONFIG,
+        f"hydra.run.dir={stage_dir.resolve()}", f"hydra.job.name={stage}",
+    ]  # fmt: skip
+    import torch
+
+    gpus = torch.cuda.device_count()
+    procs = (launcher.num_gpus or gpus) if gpus else launcher.num_procs
+    if procs <= 1 and not launcher.hostfile:
+        return [sys.executable, "-m", stage, *args]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs)]
+    if launcher.hostfile:
+        cmd += ["--hostfile", launcher.hostfile]
+    cmd += ["--master_port", str(launcher.master_port or _free_port()), *launcher.extra_args]
+    return [*cmd, "--module", stage, *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLHF_RUN_STAMP"):
+        env.pop(var, None)  # each stage is its own run with its own process group
+    return env
+
+
+def run_stage(stage: str, cfg: DictConfig, key: str, stage_dir: Path, action: str, launcher: DictConfig,
+              wandb_group: str, inputs: dict[str, str]) -> float:  # fmt: skip
+    """Run one stage to its export (fresh or resumed); returns its wall time in seconds."""
+    if action == "run" and stage_dir.exists():
+        log.info("%s: removing %s (config changed or forced)", stage, stage_dir)
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.train.resume = action == "resume"
+        cfg.logger.group = cfg.logger.group or wandb_group
+        cfg.logger.job_type = stage
+        cfg.logger.name = cfg.logger.name or f"{wandb_group}-{stage}"
+    atomic_write_text(stage_dir / f"{STAGE_CONFIG}.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(stage_dir / STAGE_STATE, json.dumps({"stage": stage, "key": key, "inputs": inputs}))
+    cmd = stage_command(stage, stage_dir, launcher)
+    log.info("%s: %s\n  $ %s", stage, "resuming" if action == "resume" else "running", " ".join(cmd))
+    start = time.perf_counter()
+    with open(stage_dir / "stage.log", "a") as out:
+        proc = subprocess.run(cmd, env=_child_env(), stdout=out, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "".join((stage_dir / "stage.log").read_text(errors="replace").splitlines(True)[-30:])
+        raise RuntimeError(
+            f"stage {stage} failed (exit {proc.returncode}); log: {stage_dir / 'stage.log'}\n{tail}"
+        )
+    # the key goes with the export: a later run skips this stage when its key is the same
+    state = {"stage": stage, "key": key, "inputs": inputs, "wall_s": wall, "resumed": action == "resume"}
+    atomic_write_text(stage_dir / "export" / STAGE_STATE, json.dumps(state, indent=2))
+    return wall
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class Pipeline:
+    """Compose every stage first (typos fail before anything runs), then run, skip or resume each."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, shared_dir: Path | None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        # in a sweep, stages live once under the sweep dir (keyed), and each job links to them
+        self.shared_dir = shared_dir
+        self.stages = list(cfg.pipeline.stages)
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise ConfigError(
+                f"pipeline.stages must be a non-empty list of {', '.join(STAGES)}; got {self.stages}"
+            )
+        frm = cfg.pipeline.from_stage
+        if frm is not None and frm not in self.stages:
+            raise ConfigError(f"pipeline.from_stage={frm!r} is not one of pipeline.stages {self.stages}")
+        self.forced = set(self.stages[self.stages.index(frm) :]) if frm else set()
+        self.group = cfg.pipeline.wandb_group or f"{cfg.pipeline.name}-{run_dir.name}"
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        link = self.run_dir / stage
+        if self.shared_dir is None:
+            return link
+        target = self.shared_dir / f"{stage}-{key[:12]}"
+        if link.is_symlink() or link.exists():
+            if link.resolve() == target.resolve():
+                return target
+            link.unlink() if link.is_symlink() else shutil.rmtree(link)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(target, self.run_dir))
+        return target
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        # 1. plan: every stage's config, key and directory (a bad key fails here, before any training)
+        keys: dict[str, str] = {}
+        dirs: dict[str, Path] = {}
+        plans = []
+        for stage in self.stages:
+            handoff = {role: str((dirs[up] / "export").resolve())
+                       for role, up in HANDOFF.get(stage, {}).items() if up in dirs}  # fmt: skip
+            inputs = {u: keys[u] for u in UPSTREAM[stage] if u in keys}
+            stage_cfg = compose_stage(
+                stage, OmegaConf.to_container(self.cfg[stage]), handoff, self.cfg.data_root
+            )
+            keys[stage] = stage_key(stage, stage_cfg, inputs)
+            dirs[stage] = self.stage_dir(stage, keys[stage])
+            plans.append((stage, stage_cfg, inputs))
+        # 2. run, resume or skip each stage in order
+        status: dict[str, dict[str, Any]] = {}
+        for stage, stage_cfg, inputs in plans:
+            with stage_lock(dirs[stage]):
+                action = plan_stage(dirs[stage], keys[stage], stage in self.forced)
+                if action == "skip":
+                    log.info("%s: up to date in %s (key %s); skipped", stage, dirs[stage], keys[stage][:12])
+                    wall = 0.0
+                else:
+                    wall = run_stage(stage, stage_cfg, keys[stage], dirs[stage], action, self.cfg.launcher,
+                                     self.group, inputs)  # fmt: skip
+            state = json.loads((dirs[stage] / "export" / STAGE_STATE).read_text())
+            status[stage] = {"action": action, "wall_s": wall, "stage_wall_s": state["wall_s"],
+                             "dir": str(dirs[stage]), "key": keys[stage]}  # fmt: skip
+        return {"stages": status, "stage_dirs": dirs, "start": start}
+
+
+def _sweep_dir() -> Path | None:
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir) / "stages" if hc.mode == RunMode.MULTIRUN else None
+
+
+# conf/ as a directory (not a module path), so the console script finds it from any working directory
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="pipeline", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    from core import report
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = Pipeline(cfg, run_dir, _sweep_dir()).run()
+    return report.finish(cfg, run_dir, result)
+
+
+def cli(argv: list[str]) -> None:
+    """`rlhf pipeline ARGS`: Hydra's command line, with stage keys routed to the stage nodes."""
+    from omegaconf import OmegaConf as _O
+
+    _O.register_new_resolver("run_now", lambda pattern: time.strftime(pattern), replace=True)
+    sys.argv = [sys.argv[0], *stage_overrides_argv(argv)]
+    main()
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,215 @@
+"""The pipeline: hand-offs, report, skip / re-run / resume by stage key, and a sweep that shares stages.
+
+One short pipeline (a few steps per stage, about a minute) is run once per module; the tests
+that change it work on copies of its run directory.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from core import pipeline
+from core.deepspeed import ConfigError
+from tests.conftest import ROOT, read_metrics, run_stage, stage_env
+
+SHORT = (
+    "sft.experiment=quick", "sft.data.builtin.num_prompts=400", "sft.train.max_steps=6",
+    "reward.experiment=quick", "reward.data.builtin.num_prompts=400", "reward.train.max_steps=6",
+    "ppo.experiment=quick", "ppo.rollout.batch_size=8", "ppo.train.max_steps=4", "ppo.train.log_every=1",
+    "ppo.train.save_every=2", "eval.samples_per_prompt=1", "eval.num_report_samples=3",
+)  # fmt: skip
+
+
+def run_pipeline(*overrides: str, timeout: int = 600):
+    return run_stage("core.pipeline", *SHORT, *overrides, timeout=timeout)
+
+
+def actions(run: Path) -> dict[str, str]:
+    return {s: v["action"] for s, v in json.loads((run / "report.json").read_text())["stages"].items()}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    run_pipeline(f"hydra.run.dir={run}")
+    return run
+
+
+@pytest.fixture
+def copy_of(short_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run, symlinks=True)
+    return run
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_stage_keys_reach_the_open_stage_nodes():
+    argv = ["sft.optim.lr=1e-4", "ppo.kl_coef=0.1", "pipeline.name=x", "+ppo.extra=1", "hydra.run.dir=d"]
+    assert pipeline.stage_overrides_argv(argv) == [
+        "++sft.optim.lr=1e-4", "++ppo.kl_coef=0.1", "pipeline.name=x", "+ppo.extra=1", "hydra.run.dir=d"
+    ]  # fmt: skip
+
+
+def test_compose_stage_values_groups_alias_and_typos():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = pipeline.compose_stage(
+            "ppo", {"kl_coef": 0.2, "actor_ds": "zero3", "train": {"max_steps": 7}}, {"actor": "/x/sft/export"}, "/d"
+        )  # fmt: skip
+        assert cfg.ppo.kl_coef == 0.2  # ppo.kl_coef is short for ppo.ppo.kl_coef
+        assert cfg.actor_ds.stage == 3  # a string at a group's package selects the group's file
+        assert cfg.train.max_steps == 7 and cfg.data_root == "/d"
+        assert cfg.actor.name_or_path == "/x/sft/export" and cfg.actor.tokenizer is None
+        quick = pipeline.compose_stage("sft", {"experiment": "quick"}, {}, "/d")
+        assert quick.train.max_steps == 10 and quick.logger.backend == "none"
+        with pytest.raises(ConfigError, match="sft.optim.lrr"):
+            pipeline.compose_stage("sft", {"optim": {"lrr": 1.0}}, {}, "/d")
+        with pytest.raises(ConfigError, match="train.max_steps"):
+            pipeline.compose_stage("sft", {"train": {"max_steps": "many"}}, {}, "/d")
+
+
+def test_stage_key_ignores_logging_resume_and_handoff_location():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        a = pipeline.compose_stage("reward", {}, {"model": "/a/sft/export"}, "/d")
+        b = pipeline.compose_stage("reward", {"logger": {"group": "g"}, "train": {"resume": True}},
+                                   {"model": "/elsewhere/sft/export"}, "/d")  # fmt: skip
+        c = pipeline.compose_stage("reward", {"optim": {"lr": 1e-3}}, {"model": "/a/sft/export"}, "/d")
+    key = pipeline.stage_key("reward", a, {"sft": "k1"})
+    assert key == pipeline.stage_key("reward", b, {"sft": "k1"})
+    assert key != pipeline.stage_key("reward", c, {"sft": "k1"})  # a training value
+    assert key != pipeline.stage_key("reward", a, {"sft": "k2"})  # a different SFT upstream
+
+
+def test_stage_command_in_process_or_under_the_launcher(tmp_path):
+    cfg = OmegaConf.create(
+        {"num_gpus": None, "num_procs": 1, "hostfile": None, "master_port": None, "extra_args": []}
+    )
+    assert pipeline.stage_command("sft", tmp_path, cfg)[:3] == [sys.executable, "-m", "sft"]
+    cfg.num_procs, cfg.master_port = 2, 29555
+    cmd = pipeline.stage_command("ppo", tmp_path, cfg)
+    assert Path(cmd[0]).name == "deepspeed" and cmd[1:5] == ["--num_gpus", "2", "--master_port", "29555"]
+    assert cmd[5:7] == ["--module", "ppo"] and f"hydra.run.dir={tmp_path.resolve()}" in cmd
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_pipeline_hands_exports_over_and_reports_what_it_logged(short_run):
+    run = short_run
+    for stage in ("sft", "reward", "ppo"):
+        assert (run / stage / "export" / "export_info.json").is_file(), stage
+    AutoModelForCausalLM.from_pretrained(run / "sft" / "export")
+    AutoModelForSequenceClassification.from_pretrained(run / "reward" / "export")
+    AutoModelForCausalLM.from_pretrained(run / "ppo" / "export")
+    AutoModelForSequenceClassification.from_pretrained(run / "ppo" / "export_critic")
+    # each stage read the previous one's export
+    reward_cfg = OmegaConf.load(run / "reward" / "pipeline_stage_config.yaml")
+    ppo_cfg = OmegaConf.load(run / "ppo" / "pipeline_stage_config.yaml")
+    sft_export, rm_export = (
+        str((run / "sft" / "export").resolve()),
+        str((run / "reward" / "export").resolve()),
+    )
+    assert reward_cfg.model.name_or_path == sft_export
+    assert ppo_cfg.actor.name_or_path == ppo_cfg.ref.name_or_path == sft_export
+    assert ppo_cfg.reward_model.name_or_path == ppo_cfg.critic.name_or_path == rm_export
+    assert {ppo_cfg.logger.group} == {reward_cfg.logger.group} and ppo_cfg.logger.job_type == "ppo"
+
+    report = json.loads((run / "report.json").read_text())
+    for key in ("win_rate", "tie_rate", "sft_gold_mean", "ppo_gold_mean", "ppo_kl", "wall_s"):
+        assert isinstance(report[key], float), key
+    assert abs(report["win_rate"] + report["tie_rate"] + report["loss_rate"] - 1) < 1e-9
+    assert report["num_prompts"] == 60 and report["num_comparisons"] == 60  # held-out prompts x 1 sample
+    assert actions(run) == {"sft": "run", "reward": "run", "ppo": "run"}
+    # every plot is a PNG, and draws exactly the numbers the stages logged
+    drawn = json.loads((run / "plots" / "data.json").read_text())
+    assert {"sft_loss.png", "reward_accuracy.png", "ppo_reward.png", "ppo_kl.png", "ppo_gold.png",
+            "reward_vs_kl.png"} <= drawn.keys()  # fmt: skip
+    for file in drawn:
+        assert (run / "plots" / file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", file
+    ppo_rows, sft_rows = read_metrics(run / "ppo"), read_metrics(run / "sft")
+    assert drawn["ppo_kl.png"]["series"]["rollout"] == [
+        [r["step"], r["ppo/kl"]] for r in ppo_rows if "ppo/kl" in r
+    ]
+    assert drawn["sft_loss.png"]["series"]["train"] == [
+        [r["step"], r["train/loss"]] for r in sft_rows if "train/loss" in r
+    ]
+    assert drawn["reward_vs_kl.png"]["series"]["gold reward"] == [
+        [r["ppo/kl"], r["gold/reward"]] for r in ppo_rows if "gold/reward" in r
+    ]
+    assert len(drawn["ppo_kl.png"]["series"]["rollout"]) == 4
+    md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
+    for file in drawn:
+        assert f"](plots/{file})" in md
+    assert page.count("data:image/png;base64,") == len(drawn) and 'src="plots/' not in page  # self-contained
+    assert f"{report['win_rate']:.3f}" in md and f"{report['ppo_kl']:.3f}" in page
+    assert md.count(" [") >= 6  # three sample rows, SFT and PPO responses with their gold scores
+
+
+def test_evaluate_command_on_an_export(short_run, tmp_path):
+    out = tmp_path / "eval.json"
+    run_stage("core.cli", "evaluate", str(short_run / "ppo" / "export"), "--samples-per-prompt", "1",
+              "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["baseline"] == str((short_run / "sft" / "export").resolve())
+    assert result["num_comparisons"] == 60 and 0 <= result["win_rate"] <= 1
+
+
+def test_rerun_skips_done_stages_and_reruns_what_changed(copy_of):
+    run = copy_of
+    mtime = {s: (run / s / "export" / "export_info.json").stat().st_mtime for s in ("sft", "reward", "ppo")}
+    run_pipeline(f"hydra.run.dir={run}")
+    assert actions(run) == {"sft": "skip", "reward": "skip", "ppo": "skip"}
+    assert all((run / s / "export" / "export_info.json").stat().st_mtime == t for s, t in mtime.items())
+    run_pipeline(f"hydra.run.dir={run}", "ppo.kl_coef=0.2")  # a PPO key: PPO only
+    assert actions(run) == {"sft": "skip", "reward": "skip", "ppo": "run"}
+    assert OmegaConf.load(run / "ppo" / "pipeline_stage_config.yaml").ppo.kl_coef == 0.2
+    run_pipeline(f"hydra.run.dir={run}", "ppo.kl_coef=0.2", "pipeline.from_stage=reward")
+    assert actions(run) == {"sft": "skip", "reward": "run", "ppo": "run"}
+
+
+def test_a_killed_stage_resumes(copy_of):
+    run = copy_of
+    args = [sys.executable, "-m", "core.pipeline", *SHORT, f"hydra.run.dir={run}", "ppo.train.max_steps=8",
+            "ppo.train.save_every=2"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, env=stage_env(os.cpu_count() or 1), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    latest = run / "ppo" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= "step-00000004") and time.time() < deadline:
+        assert proc.poll() is None, "the pipeline ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its PPO process, mid-stage
+    proc.wait()
+    assert not (run / "ppo" / "export" / pipeline.STAGE_STATE).exists()
+    run_pipeline(f"hydra.run.dir={run}", "ppo.train.max_steps=8", "ppo.train.save_every=2")
+    assert actions(run) == {"sft": "skip", "reward": "skip", "ppo": "resume"}
+    assert "resume: continuing from" in (run / "ppo" / "stage.log").read_text()
+    steps = [r["step"] for r in read_metrics(run / "ppo") if "ppo/kl" in r]
+    assert steps == list(range(1, 9))  # replayed steps were rewound: one row per step
+
+
+def test_sweep_shares_sft_and_reward_and_writes_a_sweep_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_pipeline("-m", f"hydra.sweep.dir={sweep}", "ppo.kl_coef=0.01,0.3")
+    for stage in ("sft", "reward"):
+        assert (sweep / "0" / stage).resolve() == (sweep / "1" / stage).resolve(), stage
+    assert (sweep / "0" / "ppo").resolve() != (sweep / "1" / "ppo").resolve()
+    assert (
+        len(list((sweep / "stages").glob("sft-*"))) == 1 and len(list((sweep / "stages").glob("ppo-*"))) == 2
+    )
+    assert actions(sweep / "1") == {"sft": "skip", "reward": "skip", "ppo": "run"}
+    runs = json.loads((sweep / "sweep_report.json").read_text())
+    assert [r["overrides"] for r in runs] == ["ppo.kl_coef=0.01", "ppo.kl_coef=0.3"], proc.stdout[-2000:]
+    assert (sweep / "sweep_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ppo.kl_coef=0.3" in (sweep / "sweep_report.md").read_text()
