@@ -238,14 +238,21 @@ class SweepReport(Callback):
             overrides = (
                 OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
             )
-            label = " ".join(o.lstrip("+") for o in overrides) or report.parent.name
-            runs.append({"run": report.parent.name, "overrides": label, **json.loads(report.read_text())})
+            runs.append({"run": report.parent.name, "overrides": [o.lstrip("+") for o in overrides],
+                         **json.loads(report.read_text())})  # fmt: skip
         if not runs:
             return
+        # label each run by what sets it apart; the overrides every run shares are listed once
+        common = set.intersection(*(set(r["overrides"]) for r in runs))
+        for r in runs:
+            r["overrides"] = " ".join(o for o in r["overrides"] if o not in common) or r["run"]
         keys = ("ppo_kl", "ppo_gold_mean", "sft_gold_mean", "win_rate", "tie_rate")
         table = [["run", "overrides", "PPO KL", "PPO gold mean", "SFT gold mean", "win rate", "tie rate"]]
         table += [[r["run"], r["overrides"], *(_f(r.get(k, "n/a")) for k in keys)] for r in runs]
-        blocks: list[tuple[str, Any]] = [("h1", f"Sweep report: {sweep}"), ("table", table)]
+        blocks: list[tuple[str, Any]] = [("h1", f"Sweep report: {sweep}")]
+        if common:
+            blocks.append(("p", "Every run: " + " ".join(sorted(common))))
+        blocks.append(("table", table))
         points = [r for r in runs if "ppo_kl" in r]
         if points:
             fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

@@ -30,8 +30,8 @@ SHORT = (
 )  # fmt: skip
 
 
-def run_pipeline(*overrides: str, timeout: int = 600):
-    return run_stage("core.pipeline", *SHORT, *overrides, timeout=timeout)
+def run_pipeline(*overrides: str, multirun: bool = False, timeout: int = 600):
+    return run_stage("core.pipeline", *(["-m"] if multirun else []), *SHORT, *overrides, timeout=timeout)
 
 
 def actions(run: Path) -> dict[str, str]:
@@ -180,6 +180,7 @@ def test_rerun_skips_done_stages_and_reruns_what_changed(copy_of):
 
 def test_a_killed_stage_resumes(copy_of):
     run = copy_of
+    shutil.rmtree(run / "ppo")  # so the checkpoints waited for below are the new run's
     args = [sys.executable, "-m", "core.pipeline", *SHORT, f"hydra.run.dir={run}", "ppo.train.max_steps=8",
             "ppo.train.save_every=2"]  # fmt: skip
     proc = subprocess.Popen(args, cwd=ROOT, env=stage_env(os.cpu_count() or 1), start_new_session=True,
@@ -201,7 +202,7 @@ def test_a_killed_stage_resumes(copy_of):
 
 def test_sweep_shares_sft_and_reward_and_writes_a_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_pipeline("-m", f"hydra.sweep.dir={sweep}", "ppo.kl_coef=0.01,0.3")
+    proc = run_pipeline(f"hydra.sweep.dir={sweep}", "ppo.kl_coef=0.01,0.3", multirun=True)
     for stage in ("sft", "reward"):
         assert (sweep / "0" / stage).resolve() == (sweep / "1" / stage).resolve(), stage
     assert (sweep / "0" / "ppo").resolve() != (sweep / "1" / "ppo").resolve()
