@@ -239,9 +239,9 @@ def stage_command(stage: str, stage_dir: Path, launcher: DictConfig) -> list[str
     import torch
 
     gpus = torch.cuda.device_count()
-    procs = (launcher.num_gpus or gpus) if gpus else launcher.num_procs
-    if procs <= 1 and not launcher.hostfile:
+    if not gpus and launcher.num_procs <= 1 and not launcher.hostfile:
         return [sys.executable, "-m", stage, *args]
+    procs = (launcher.num_gpus or gpus) if gpus else launcher.num_procs
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs)]
     if launcher.hostfile:
         cmd += ["--hostfile", launcher.hostfile]
@@ -317,7 +317,8 @@ class Pipeline:
         if frm is not None and frm not in self.stages:
             raise ConfigError(f"pipeline.from_stage={frm!r} is not one of pipeline.stages {self.stages}")
         self.forced = set(self.stages[self.stages.index(frm) :]) if frm else set()
-        self.group = cfg.pipeline.wandb_group or f"{cfg.pipeline.name}-{run_dir.name}"
+        name = cfg.pipeline.name
+        self.group = cfg.pipeline.wandb_group or (name if run_dir.name == name else f"{name}-{run_dir.name}")
 
     def stage_dir(self, stage: str, key: str) -> Path:
         link = self.run_dir / stage

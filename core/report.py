@@ -70,7 +70,10 @@ def plot(path: Path, title: str, xlabel: str, ylabel: str, lines: dict[str, list
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for label, points in lines.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o" if markers or len(points) < 12 else None, markersize=3, label=label)
+        if markers:  # a cloud of (x, y) points, not a curve
+            ax.plot(xs, ys, linestyle="none", marker="o", markersize=3, alpha=0.6, label=label)
+        else:
+            ax.plot(xs, ys, marker="o" if len(points) < 12 else None, markersize=3, label=label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if len(lines) > 1:
