@@ -104,10 +104,18 @@ ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
 
 
 def stage_overrides_argv(argv: list[str]) -> list[str]:
-    """Let `sft.optim.lr=1e-4` reach the open `sft:` node: Hydra needs `++` to add a key there."""
+    """Let `sft.optim.lr=1e-4` reach the open `sft:` node: Hydra needs `++` to add a key there.
+
+    A stage's group-at-package form (`ppo.deepspeed@actor_ds=zero3`, as `python -m ppo` takes it)
+    becomes the package key (`ppo.actor_ds=zero3`), which selects the same file.
+    """
     out = []
     for arg in argv:
         head = arg.split("=", 1)[0]
+        if "@" in head and head.split(".", 1)[0] in STAGES:
+            stage, group_at_package = head.split(".", 1)
+            head = f"{stage}.{group_at_package.split('@', 1)[1]}"
+            arg = head + "=" + arg.split("=", 1)[1]
         if "=" in arg and not arg.startswith(("+", "~")) and head.split(".", 1)[0] in STAGES and "." in head:
             arg = "++" + arg
         out.append(arg)

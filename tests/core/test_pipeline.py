@@ -56,9 +56,11 @@ def copy_of(short_run, tmp_path) -> Path:
 
 
 def test_stage_keys_reach_the_open_stage_nodes():
-    argv = ["sft.optim.lr=1e-4", "ppo.kl_coef=0.1", "pipeline.name=x", "+ppo.extra=1", "hydra.run.dir=d"]
+    argv = ["sft.optim.lr=1e-4", "ppo.kl_coef=0.1", "pipeline.name=x", "+ppo.extra=1", "hydra.run.dir=d",
+            "ppo.deepspeed@actor_ds=zero3"]  # fmt: skip
     assert pipeline.stage_overrides_argv(argv) == [
-        "++sft.optim.lr=1e-4", "++ppo.kl_coef=0.1", "pipeline.name=x", "+ppo.extra=1", "hydra.run.dir=d"
+        "++sft.optim.lr=1e-4", "++ppo.kl_coef=0.1", "pipeline.name=x", "+ppo.extra=1", "hydra.run.dir=d",
+        "++ppo.actor_ds=zero3",
     ]  # fmt: skip
 
 
@@ -200,9 +202,17 @@ def test_a_killed_stage_resumes(copy_of):
     assert steps == list(range(1, 9))  # replayed steps were rewound: one row per step
 
 
+@pytest.mark.distributed
 def test_sweep_shares_sft_and_reward_and_writes_a_sweep_report(tmp_path):
+    """Also the launcher path: every stage runs under `deepspeed` with two CPU ranks."""
     sweep = tmp_path / "sweep"
-    proc = run_pipeline(f"hydra.sweep.dir={sweep}", "ppo.kl_coef=0.01,0.3", multirun=True)
+    proc = run_pipeline(f"hydra.sweep.dir={sweep}", "ppo.kl_coef=0.01,0.3", "launcher.num_procs=2",
+                        "ppo.deepspeed@actor_ds=zero3", multirun=True)  # fmt: skip
+    assert (proc.stdout + proc.stderr).count("deepspeed --num_gpus 2") == 4  # sft, reward, ppo, ppo
+    shares = read_metrics(sweep / "0" / "ppo")[0]
+    assert (
+        shares["zero/actor_param_share_rank0"] == shares["zero/actor_param_share_rank1"] == 0.5
+    )  # ZeRO-3, 2 ranks
     for stage in ("sft", "reward"):
         assert (sweep / "0" / stage).resolve() == (sweep / "1" / stage).resolve(), stage
     assert (sweep / "0" / "ppo").resolve() != (sweep / "1" / "ppo").resolve()
