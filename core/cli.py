@@ -7,6 +7,7 @@ rlhf sft|reward|ppo [key=value]   one stage, the same as python -m <stage>
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> None:
 
         pipeline.cli(rest)
     elif command == "evaluate":
-        from core import evaluate
-
+        # its JSON goes to stdout: library notices printed at import (DeepSpeed's accelerator line) go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            from core import evaluate
         evaluate.cli(rest)
     else:  # a stage: its own entry point, in this process
         os.execv(sys.executable, [sys.executable, "-m", command, *rest])
