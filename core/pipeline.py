@@ -41,6 +41,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from core.checkpoint import EXPORT_INFO, atomic_write_text
 from core.deepspeed import ConfigError
@@ -160,17 +161,14 @@ def compose_stage(
             cfg[role].name_or_path = upstream_path
             cfg[role].tokenizer = None  # the tokenizer saved with the export
     for key, value in values:
-        if (
-            stage == "ppo"
-            and OmegaConf.select(cfg, key.split(".")[0]) is None
-            and key.split(".")[0] in cfg.ppo
-        ):
+        head = key.split(".")[0]
+        if stage == "ppo" and head not in cfg and head in cfg.ppo:
             key = f"ppo.{key}"
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"{stage}.{key}: conf/{stage}.yaml has no such key")
         try:
             OmegaConf.update(cfg, key, value, merge=True)
-        except Exception as e:  # omegaconf's validation errors: re-raise naming the pipeline key
+        except OmegaConfBaseException as e:  # a validation error: re-raise naming the pipeline key
             raise ConfigError(f"{stage}.{key}={value!r}: {e}") from e
     OmegaConf.resolve(cfg)
     return cfg
