@@ -108,7 +108,9 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
         yield from enumerate(rows, start=1)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: str.splitlines() would also cut at characters JSON
+    # strings may hold raw (U+0085, U+2028, U+2029, form feed; IMDB reviews have them)
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

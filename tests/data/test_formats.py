@@ -61,6 +61,16 @@ def test_json_list_gz_and_parquet(tmp_path):
     assert len(load_conversations(both, None)[0]) == 6
 
 
+def test_jsonl_lines_split_at_newline_only(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 / U+0085 raw; they are not line breaks in JSON Lines
+    row = {"prompt": "a\u2028b\x85c\x0cd", "response": "e"}
+    path = tmp_path / "d.jsonl"
+    path.write_text((json.dumps(row, ensure_ascii=False) + "\n") * 2, encoding="utf-8")
+    records, _ = load_conversations(str(path), None)
+    assert [m.content for m in records[1].messages] == [row["prompt"], "e"]
+    assert records[1].source.endswith("d.jsonl:2")
+
+
 def test_alpaca_without_input_and_with_system(tmp_path):
     row = {"instruction": "Say hi", "input": "", "output": "hi", "system": "You are kind."}
     (conv,), _ = load_conversations(write_jsonl(tmp_path / "d.jsonl", [row]), "alpaca")
