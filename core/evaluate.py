@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,4 +209,4 @@ def cli(argv: list[str]) -> None:
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
-    print(text)
+    sys.stdout.write(text + "\n")  # the command's output: the figures as JSON
