@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -q --no-build-isolation -e ".[dev]"
 	@touch $(STAMP)
 
-# The whole pipeline on the built-in task (about 7 minutes on 2 CPU cores); re-running skips what is done.
+# The whole pipeline on the built-in task (about 8.5 minutes on 2 CPU cores); re-running skips what is done.
 demo: install
 	$(VENV)/bin/rlhf pipeline
 	@echo "report: outputs/pipeline/builtin/report.md (self-contained: report.html; figures: report.json)"

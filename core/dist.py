@@ -69,6 +69,17 @@ def init_process_group() -> None:
     torch_dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30))
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits.
+
+    A gloo group still alive at exit can abort a rank ("terminate called without an active
+    exception") after its work is done, failing the launcher; every stage calls this last.
+    """
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

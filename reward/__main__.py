@@ -21,3 +21,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    dist.shutdown()  # after every job of a multirun; before the interpreter tears gloo down
