@@ -584,7 +584,12 @@ class PPORecipe:
 
     def export(self) -> None:
         # the reference names the policy's starting point (`rlhf evaluate` compares against it)
-        info = {"stage": "ppo", "step": self.step, "peft": self.cfg.peft.type, "ref": self.cfg.ref.name_or_path}
+        info = {
+            "stage": "ppo",
+            "step": self.step,
+            "peft": self.cfg.peft.type,
+            "ref": self.cfg.ref.name_or_path,
+        }
         merge = self.cfg.peft.merge_on_export
         checkpoint.export_model(
             self.actor, self.tokenizer, self.run_dir / "export", merge_lora=merge, info=info
