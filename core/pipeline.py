@@ -43,6 +43,7 @@ from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from core import dist
 from core.checkpoint import EXPORT_INFO, atomic_write_text
 from core.deepspeed import ConfigError
 
@@ -251,16 +252,8 @@ def stage_command(stage: str, stage_dir: Path, launcher: DictConfig) -> list[str
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs)]
     if launcher.hostfile:
         cmd += ["--hostfile", launcher.hostfile]
-    cmd += ["--master_port", str(launcher.master_port or _free_port()), *launcher.extra_args]
+    cmd += ["--master_port", str(launcher.master_port or dist.free_port()), *launcher.extra_args]
     return [*cmd, "--module", stage, *args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child_env() -> dict[str, str]:
