@@ -12,6 +12,7 @@ import logging
 import math
 import netrc
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -25,16 +26,19 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-_SECRET_WORDS = ("key", "token", "secret", "password")
+# a key with one of these words in it (api_key, hub_token, WANDB_API_KEY; not tokenizer)
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}
+
+
+def _is_secret_key(key: Any) -> bool:
+    return not _SECRET_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", str(key).lower()))
 
 
 def redact_secrets(value: Any) -> Any:
-    """A copy of a (nested) config with values of secret-looking keys replaced."""
+    """A copy of a (nested) config with the string values of secret-looking keys replaced."""
     if isinstance(value, dict):
         return {
-            k: "***"
-            if any(w in str(k).lower() for w in _SECRET_WORDS) and isinstance(v, str)
-            else redact_secrets(v)
+            k: "***" if _is_secret_key(k) and isinstance(v, str) else redact_secrets(v)
             for k, v in value.items()
         }
     if isinstance(value, list):
