@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+from torch.utils.cpp_extension import get_default_build_root
 from transformers import get_scheduler
 from transformers.integrations import deepspeed as hf_deepspeed
 
@@ -121,7 +125,70 @@ def _init_comm() -> None:
     otherwise see 1 and reject the derived batch size.
     """
     dist.init_process_group()
+    clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    _unlink_shm_workspace()
+
+
+def _unlink_shm_workspace() -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU allreduce op once every rank has mapped it.
+
+    On the CPU accelerator, with all ranks on one machine, DeepSpeed creates a 66 MB shared-memory
+    workspace per rank (`deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`) and never
+    unlinks it: every run leaked 66 MB of RAM per rank in /dev/shm, until the machine ran out.
+    After the barrier every rank has opened every segment; the mappings stay valid after the
+    unlink and the memory is freed when the last rank exits, even a killed one.
+    """
+    world = dist.world_size()
+    if get_accelerator().device_name() != "cpu" or world < 2 or os.environ.get("LOCAL_SIZE") != str(world):
+        return  # the op is not in use (the same answer on every rank)
+    dist.barrier()
+    name = "_".join(("deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.rank())))  # fmt: skip
+    with contextlib.suppress(FileNotFoundError):
+        (Path("/dev/shm") / name).unlink()
+
+
+# An op builds in about a minute on 2 CPU cores; a lock this old with no compiler at work is stale.
+STALE_BUILD_LOCK_S = 600
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the build locks of DeepSpeed's JIT ops that a killed build left behind.
+
+    DeepSpeed compiles its C++ ops (the CPU comm op at every start, CPU Adam when offloading)
+    with torch's cpp_extension, which guards a build with a bare `lock` file and has every other
+    process wait, forever and silently, until it is gone. A build killed mid-way (Ctrl-C, a test
+    or job timeout, the OOM killer) leaves it behind and every later run hangs at start. A lock
+    is stale when it is older than `max_age_s` and no process works in its build directory
+    (torch runs ninja there).
+    """
+    env_root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    # <root>/<op>/lock under TORCH_EXTENSIONS_DIR, <root>/py311_cpu/<op>/lock under the default
+    locks = Path(env_root).glob("*/lock") if env_root else Path(get_default_build_root()).glob("*/*/lock")
+    removed = []
+    for lock in locks:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s and not _busy(lock.parent):
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed %s, left %.0f min ago by a build that did not finish", lock, age / 60)
+        except FileNotFoundError:  # another rank removed it, or the build finished
+            pass
+    return removed
+
+
+def _busy(build_dir: Path) -> bool:
+    """Whether a process (a build's ninja or compiler) has `build_dir` as its working directory (Linux)."""
+    target = build_dir.resolve()
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if cwd.resolve(strict=True) == target:
+                return True
+        except OSError:  # gone, or not ours to read
+            continue
+    return False
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,9 @@
+import os
+import time
+
 import pytest
 
-from core.deepspeed import ConfigError, build_config
+from core.deepspeed import ConfigError, build_config, clear_stale_build_locks
 
 BASE = dict(stage=2, offload_optimizer=False, offload_param=False, extra={}, micro_batch_size_per_device=4,
             grad_accum_steps=2, global_batch_size=None, precision="fp32", grad_clip=1.0, lr=1e-3, betas=[0.9, 0.95],
@@ -35,3 +38,20 @@ def test_extra_keys_merge_deeply_and_cpu_uses_torch_adamw():
     assert cfg["steps_per_print"] == 5
     assert cfg["optimizer"]["params"]["torch_adam"] is True  # CPU accelerator, no offload
     assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
+
+
+def test_a_stale_op_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    # a build killed mid-way leaves torch's `lock`; every later DeepSpeed start would wait on it forever
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.touch()
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and live.exists()
+    # an old lock whose build is still running (a process works in its directory) is kept
+    os.utime(live, (hour_ago, hour_ago))
+    monkeypatch.chdir(live.parent)
+    assert clear_stale_build_locks() == [] and live.exists()

@@ -17,8 +17,12 @@ STEPS = ["experiment=quick", "train.max_steps=8", "train.log_every=1", "train.nu
 def test_zero3_two_ranks_partition_match_one_process_and_export_gathered_weights(tmp_path):
     # the run dir names the microsecond: per-process ${now:} stamps would give two directories
     runs = tmp_path / "two"
+    launcher = deepspeed_launcher(2)
     run_stage("sft", *STEPS, "deepspeed=zero3", "train.micro_batch_size_per_device=2",
-              f"hydra.run.dir={runs}/${{run_now:%H-%M-%S-%f}}", launcher=deepspeed_launcher(2))  # fmt: skip
+              f"hydra.run.dir={runs}/${{run_now:%H-%M-%S-%f}}", launcher=launcher)  # fmt: skip
+    # DeepSpeed's CPU allreduce workspaces (66 MB of /dev/shm per rank) are not left behind
+    port = launcher[launcher.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     (two,) = list(runs.iterdir())  # both ranks wrote into one run directory
     one = tmp_path / "one"
     run_stage("sft", *STEPS, "deepspeed=zero3", "train.micro_batch_size_per_device=4", f"hydra.run.dir={one}")
