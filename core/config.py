@@ -8,17 +8,24 @@ override with a typo or a wrong type fails in Hydra before any model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+# ${project_dir:} in a config: this checkout's root, for files shipped with the project
+# (e.g. data/story_openings.jsonl) whatever directory a command runs from.
+OmegaConf.register_new_resolver("project_dir", lambda: str(Path(__file__).resolve().parents[1]), replace=True)
 
 
 @dataclass
 class ModelConfig:
     # Hub id or local directory; null builds a fresh model from `arch`.
     name_or_path: str | None = MISSING
-    # Tokenizer location; null means "same as name_or_path"; "builtin" is the project's own.
+    # Tokenizer location; null means "same as name_or_path"; "builtin" is the project's own;
+    # "train" (SFT only) trains a byte-level BPE tokenizer of `train_tokenizer_vocab` on the SFT data.
     tokenizer: str | None = MISSING
+    train_tokenizer_vocab: int = MISSING
     # Config kwargs (incl. `model_type`) used only when name_or_path is null.
     arch: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str | None = MISSING
@@ -43,6 +50,21 @@ class BuiltinTaskConfig:
 
 
 @dataclass
+class ImdbTaskConfig:
+    # Seed of the split of the reviews into parts (and of the preference pairs).
+    seed: int = MISSING
+    # Share of the reviews in each part (data/imdb.py PARTS); each part is label-balanced.
+    fractions: dict[str, float] = MISSING
+    # Prompt = the first prompt_words words of a review; response = the next response_words.
+    prompt_words: int = MISSING
+    response_words: int = MISSING
+    # Preference pairs per group of reviews sharing an opening (positive over negative).
+    pairs_per_group: int = MISSING
+    # Windows per judge review (the judge is fit on continuation-sized windows).
+    judge_windows_per_review: int = MISSING
+
+
+@dataclass
 class DataConfig:
     # A file, a list of files, a `datasets` hub name, or "builtin".
     path: Any = MISSING
@@ -58,6 +80,8 @@ class DataConfig:
     shuffle_seed: int = MISSING
     template: TemplateConfig = field(default_factory=TemplateConfig)
     builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+    # Only for format=imdb (conf/data/imdb.yaml).
+    imdb: ImdbTaskConfig | None = None
 
 
 @dataclass

@@ -1,11 +1,13 @@
-"""Gold evaluation of a policy against a baseline on the built-in task's held-out prompts.
+"""Evaluation of a policy against a baseline on held-out prompts, by a judge that is not the reward model.
 
-    rlhf evaluate POLICY_DIR [--baseline DIR] [--reference DIR] [--samples-per-prompt N] [--out FILE]
+    rlhf evaluate POLICY_DIR [--baseline DIR] [--reference DIR] [--judge auto|gold|sentiment]
+                             [--samples-per-prompt N] [--out FILE]
 
 Both policies sample `samples_per_prompt` responses to every held-out prompt (prompts no stage
-trained on) with the PPO rollout's sampling settings and the same seed; the gold judge scores each
-response, and the i-th sample of one policy is compared with the i-th of the other (a win, a tie or
-a loss). The KL is the policy's sequence KL from the reference on its own samples,
+trained on) with the PPO rollout's sampling settings and the same seed; the judge scores each
+response (the built-in task's gold judge, or on IMDB an independent sentiment classifier, whose
+score is P(positive)), and the i-th sample of one policy is compared with the i-th of the other
+(a win, a tie or a loss). The KL is the policy's sequence KL from the reference on its own samples,
 sum_t [log pi(y_t | x, y<t) - log pi_ref(y_t | x, y<t)] (the k1 estimate, in nats), averaged.
 This is the figure InstructGPT reports as a win rate against its SFT baseline (Ouyang et al.
 2022, fig. 1), with a judge that is not the reward model.
@@ -17,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import models
 from core.checkpoint import EXPORT_INFO
+from data import imdb
 from data.builtin import task
-from data.formats import Message
+from data.formats import Message, load_prompts, split_train_eval
 from data.templates import PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -113,56 +117,127 @@ def decode(policy: Policy, response: list[int]) -> str:
     return policy.tokenizer.decode(response, skip_special_tokens=True).strip()
 
 
-def gold_evaluation(
-    policy_dir: str | Path, baseline_dir: str | Path, reference_dir: str | Path, prompts: list[str], *,
+@dataclass(frozen=True)
+class Judge:
+    """Scores responses independently of the reward model: (prompts, responses) -> scores."""
+
+    name: str  # "gold" | "sentiment": report keys are sft_<name>_mean, ppo_<name>_mean
+    about: str  # one line for the report
+    score: Callable[[list[str], list[str]], list[float]]
+    # sentiment: a response counts as positive when its score (P(positive)) is above this
+    threshold: float | None = None
+
+
+def gold_judge() -> Judge:
+    return Judge("gold", f"the built-in task's gold judge (best score {task.BEST_SCORE:g})",
+                 lambda prompts, texts: [float(task.gold_score(p, t)) for p, t in zip(prompts, texts)])  # fmt: skip
+
+
+def sentiment_judge(path: str, imdb_cfg: Any) -> Judge:
+    """The bag-of-words sentiment classifier fit on the IMDB `judge` part (never seen by the reward model)."""
+    model = imdb.fit_judge(path, imdb_cfg)
+    return Judge("sentiment", "an independent sentiment classifier (bag-of-words logistic regression fit on "
+                 "IMDB reviews the reward model never saw): P(positive), positive above 0.5",
+                 lambda prompts, texts: model.positive_prob(texts), threshold=0.5)  # fmt: skip
+
+
+def compare(
+    policy_dir: str | Path, baseline_dir: str | Path, reference_dir: str | Path, prompts: list[str], judge: Judge, *,
     template: dict[str, str], sampling: Sampling, samples_per_prompt: int, seed: int, max_prompt_len: int,
     num_report_samples: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Win / tie rates of policy over baseline by the gold judge, mean gold rewards, and the policy's KL."""
+    """Policy vs baseline on `prompts` by `judge`: win / tie / loss rates, mean scores (and positive shares
+    for a sentiment judge), and the policy's KL from the reference on its own samples."""
     policy, baseline = load_policy(policy_dir, template), load_policy(baseline_dir, template)
     n = samples_per_prompt
     p_rows, p_resp = sample_responses(policy, prompts, sampling, n, seed, max_prompt_len)
     _, b_resp = sample_responses(baseline, prompts, sampling, n, seed, max_prompt_len)
     p_text, b_text = [decode(policy, r) for r in p_resp], [decode(baseline, r) for r in b_resp]
     row_prompts = [p for p in prompts for _ in range(n)]
-    p_gold = [task.gold_score(p, t) for p, t in zip(row_prompts, p_text)]
-    b_gold = [task.gold_score(p, t) for p, t in zip(row_prompts, b_text)]
-    wins = sum(p > b for p, b in zip(p_gold, b_gold))
-    ties = sum(p == b for p, b in zip(p_gold, b_gold))
+    p_score, b_score = judge.score(row_prompts, p_text), judge.score(row_prompts, b_text)
+    wins = sum(p > b for p, b in zip(p_score, b_score))
+    ties = sum(p == b for p, b in zip(p_score, b_score))
     reference = baseline if Path(reference_dir).resolve() == Path(baseline_dir).resolve() else None
     reference = reference or load_policy(reference_dir, template)
-    pad = policy.tokenizer.pad_token_id
-    lp = sequence_logprobs(policy.model, p_rows, p_resp, pad, sampling.temperature)
-    lp_ref = sequence_logprobs(reference.model, p_rows, p_resp, pad, sampling.temperature)
+    lp = sequence_logprobs(policy.model, p_rows, p_resp, policy.tokenizer.pad_token_id, sampling.temperature)
+    lp_ref = sequence_logprobs(reference.model, p_rows, p_resp, reference.tokenizer.pad_token_id,
+                               sampling.temperature)  # fmt: skip
     kl = [a - b for a, b in zip(lp, lp_ref)]
-    total = len(p_gold)
+    total = len(p_score)
     samples = [
-        {"prompt": row_prompts[i], "sft": b_text[i], "sft_gold": b_gold[i], "ppo": p_text[i], "ppo_gold": p_gold[i]}
+        {"prompt": row_prompts[i], "sft": b_text[i], "sft_score": b_score[i], "ppo": p_text[i], "ppo_score": p_score[i]}
         for i in range(0, min(total, num_report_samples * n), n)
     ]  # fmt: skip
-    return {
+    out = {
+        "judge": judge.name, "judge_about": judge.about,
         "win_rate": wins / total, "tie_rate": ties / total, "loss_rate": (total - wins - ties) / total,
-        "sft_gold_mean": sum(b_gold) / total, "ppo_gold_mean": sum(p_gold) / total,
+        f"sft_{judge.name}_mean": sum(b_score) / total, f"ppo_{judge.name}_mean": sum(p_score) / total,
         "ppo_kl": sum(kl) / total, "num_prompts": len(prompts), "num_comparisons": total,
-        "samples_per_prompt": n, "best_gold": task.BEST_SCORE,
-        "policy": str(policy_dir), "baseline": str(baseline_dir), "reference": str(reference_dir),
-        "samples": samples,
+        "samples_per_prompt": n, "policy": str(policy_dir), "baseline": str(baseline_dir),
+        "reference": str(reference_dir), "samples": samples,
     }  # fmt: skip
+    if judge.threshold is not None:
+        out["sft_positive_share"] = sum(s > judge.threshold for s in b_score) / total
+        out["ppo_positive_share"] = sum(s > judge.threshold for s in p_score) / total
+    return out
 
 
-def settings_from(stage_cfg: DictConfig) -> dict[str, Any]:
-    """The evaluation's prompts and sampling from a PPO stage config (its held-out prompts and rollout)."""
+JUDGES = ("auto", "gold", "sentiment")
+
+
+def resolve_judge(data: DictConfig, judge: str) -> str | None:
+    """auto -> gold on the built-in task, sentiment on IMDB data, None (no judge) otherwise."""
+    if judge not in JUDGES:
+        raise ValueError(f"eval.judge must be one of {JUDGES}, got {judge!r}")
+    if judge != "auto":
+        return judge
+    return "gold" if data.path == "builtin" else "sentiment" if data.format == "imdb" else None
+
+
+def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
+    """The evaluation's prompts, judge and sampling from a PPO stage config (its held-out prompts, its rollout).
+
+    judge: gold (the built-in task), sentiment (the IMDB classifier), or auto (gold on the built-in
+    task, sentiment on IMDB data). Held-out prompts: the built-in task's, the IMDB `eval` part's
+    openings, or else the prompts PPO held out of its own data (`data.eval_path` / `eval_fraction`).
+    """
     r, d = stage_cfg.rollout, stage_cfg.data
-    if d.path != "builtin":
-        raise ValueError(
-            "the gold evaluation needs the built-in task (data.path=builtin): it has the gold judge"
-        )
+    judge = resolve_judge(d, judge)
+    if judge is None:
+        raise ValueError("no judge for this PPO data: set eval.judge=sentiment, or eval.enabled=false")
+    if judge == "gold" and d.path != "builtin":
+        raise ValueError("the gold judge needs the built-in task (data.path=builtin)")
+    if d.path == "builtin":
+        prompts = task.split_prompts(d.builtin.seed)[1]
+    elif d.format == "imdb":
+        prompts = [m[-1].content for m in imdb.prompts(d.path, d.imdb, "eval")]
+    else:
+        if d.eval_path is not None:
+            held, _ = load_prompts(d.eval_path, d.format, on_error=d.on_error, split=d.split)
+        else:
+            train, _ = load_prompts(d.path, d.format, on_error=d.on_error, split=d.split)
+            held = split_train_eval(train, d.eval_fraction, d.shuffle_seed)[1]
+        prompts = [m[-1].content for m in held]
+    if judge == "gold":
+        made = gold_judge()
+    else:  # the IMDB judge part: PPO's own IMDB settings, or conf/data/imdb.yaml's under its data root
+        imdb_data = d if d.format == "imdb" else _imdb_data(stage_cfg.data_root)
+        made = sentiment_judge(imdb_data.path, imdb_data.imdb)
     return {
-        "prompts": task.split_prompts(d.builtin.seed)[1],
+        "prompts": prompts,
+        "judge": made,
         "template": OmegaConf.to_container(d.template, resolve=True),
         "sampling": Sampling(r.max_new_tokens, r.min_new_tokens, r.temperature, r.top_p, r.top_k),
         "max_prompt_len": d.max_len,
     }
+
+
+def _imdb_data(data_root: str) -> DictConfig:
+    """conf/data/imdb.yaml (over its base) with `data_root` filled in."""
+    conf = Path(__file__).resolve().parents[1] / "conf" / "data"
+    merged = OmegaConf.merge(OmegaConf.load(conf / "base.yaml"), OmegaConf.load(conf / "imdb.yaml"))
+    merged.pop("defaults", None)
+    return OmegaConf.merge({"data_root": data_root}, {"data": merged}).data
 
 
 # ----------------------------------------------------------------------------- rlhf evaluate
@@ -192,6 +267,8 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--samples-per-prompt", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-report-samples", type=int, default=8)
+    ap.add_argument("--judge", choices=JUDGES, default="auto",
+                    help="gold (built-in task), sentiment (IMDB classifier); auto picks by the run's data")  # fmt: skip
     ap.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -201,8 +278,8 @@ def cli(argv: list[str]) -> None:
     baseline = args.baseline or info.get("ref")
     if baseline is None:
         raise SystemExit(f"rlhf evaluate: {args.policy} does not name its reference; give --baseline DIR")
-    settings = settings_from(_run_config(args.policy))
-    result = gold_evaluation(
+    settings = settings_from(_run_config(args.policy), args.judge)
+    result = compare(
         args.policy, baseline, args.reference or baseline, samples_per_prompt=args.samples_per_prompt, seed=args.seed,
         num_report_samples=args.num_report_samples, **settings,
     )  # fmt: skip

@@ -7,6 +7,7 @@ as safetensors.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
 )
 
 from core.config import plain  # noqa: E402
@@ -24,6 +26,7 @@ from core.config import plain  # noqa: E402
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
+TRAIN_TOKENIZER = "train"
 PAD_TOKEN = "<|pad|>"
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,6 +71,11 @@ def load_tokenizer(
         from data.builtin.tokenizer import build_tokenizer
 
         tok = build_tokenizer()
+    elif source == TRAIN_TOKENIZER:
+        raise ModelError(
+            "model.tokenizer=train trains a tokenizer on the SFT data and only the sft stage does that; "
+            "the later stages take the tokenizer saved in the export they start from (leave model.tokenizer=null)"
+        )
     else:
         try:
             tok = AutoTokenizer.from_pretrained(
@@ -85,6 +93,29 @@ def load_tokenizer(
             tok.add_special_tokens({"pad_token": PAD_TOKEN})
         log.info("tokenizer: pad token set to %r (id %d), distinct from EOS", tok.pad_token, tok.pad_token_id)
     return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on `texts` with the `tokenizers` library.
+
+    Specials: <pad>, <s> (BOS, prepended to every encoding), </s> (EOS), <unk>. Byte-level means no
+    text is ever unknown, so it also encodes text outside the training corpus.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import models as tok_models
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])  # fmt: skip
+    log.info("tokenizer: trained a byte-level BPE tokenizer of %d tokens", tok.get_vocab_size())
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="right", model_max_length=1024)  # fmt: skip
 
 
 HEADS = {"lm": AutoModelForCausalLM, "score": AutoModelForSequenceClassification}

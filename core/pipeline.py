@@ -85,6 +85,8 @@ class EvalConfig:
     samples_per_prompt: int = MISSING
     num_report_samples: int = MISSING
     seed: int = MISSING
+    # auto | gold | sentiment (core/evaluate.py JUDGES)
+    judge: str = MISSING
 
 
 @dataclass
@@ -110,7 +112,21 @@ def stage_overrides_argv(argv: list[str]) -> list[str]:
 
     A stage's group-at-package form (`ppo.deepspeed@actor_ds=zero3`, as `python -m ppo` takes it)
     becomes the package key (`ppo.actor_ds=zero3`), which selects the same file.
+    A group chosen by name and given keys in the same command (`sft.data=imdb sft.data.max_len=96`)
+    is an error: the keys would replace the choice (choose it through a stage experiment instead).
     """
+    heads = [arg.split("=", 1)[0].lstrip("+") for arg in argv if "=" in arg]
+    for head in heads:
+        if (
+            head.split(".", 1)[0] in STAGES
+            and head.count(".") == 1
+            and any(h.startswith(head + ".") for h in heads)
+        ):
+            raise ConfigError(
+                f"{head}=<choice> and {head}.<key>=... in one command: the keys would replace the choice. "
+                f"Select the group in a stage experiment (conf/experiment/*.yaml, e.g. "
+                f"{head.split('.')[0]}.experiment=imdb selects data=imdb) and set {head}.<key> here"
+            )
     out = []
     for arg in argv:
         head = arg.split("=", 1)[0]

@@ -4,7 +4,8 @@ Writes into the run directory:
 
     report.md     the report, images beside it in plots/
     report.html   the same content in one self-contained file (images inlined)
-    report.json   the headline figures (win_rate, tie_rate, sft_gold_mean, ppo_gold_mean, ppo_kl, wall_s, ...)
+    report.json   the headline figures (win_rate, tie_rate, sft_gold_mean, ppo_gold_mean, ppo_kl, wall_s, ...;
+                  on IMDB sft_positive_share, ppo_positive_share, sft_sentiment_mean, ppo_sentiment_mean)
     plots/*.png   one PNG per plot; plots/data.json holds exactly the points each one draws
 
 After a sweep (`rlhf pipeline -m ...`), `SweepReport` writes sweep_report.{md,html,json} and a
@@ -156,20 +157,31 @@ def write_report(run_dir: Path, stage_dirs: dict[str, Path], stages: dict[str, d
                    + [[s, v["action"], _f(v["stage_wall_s"], 1), f"{v['dir']}/export"] for s, v in stages.items()]))  # fmt: skip
     blocks.append(("p", f"Wall time of this command: {wall_s:.1f} s."))
     if evaluation:
-        e = evaluation
-        blocks += [("h2", "Gold evaluation: PPO policy against the SFT policy on held-out prompts"),
+        e, name, base = evaluation, evaluation["judge"], evaluation.get("baseline_name", "SFT")
+        header = [
+            "win rate",
+            "tie rate",
+            "loss rate",
+            f"{base} {name} mean",
+            f"PPO {name} mean",
+            "PPO KL (nats)",
+        ]
+        row = [_f(e["win_rate"]), _f(e["tie_rate"]), _f(e["loss_rate"]), _f(e[f"sft_{name}_mean"]),
+               _f(e[f"ppo_{name}_mean"]), _f(e["ppo_kl"])]  # fmt: skip
+        if "ppo_positive_share" in e:
+            header[:0], row[:0] = [f"{base} positive share", "PPO positive share"], [
+                _f(e["sft_positive_share"]), _f(e["ppo_positive_share"])]  # fmt: skip
+        blocks += [("h2", f"Evaluation ({name} judge): the PPO policy against the {base} policy on held-out prompts"),
                    ("p", f"{e['num_prompts']} held-out prompts x {e['samples_per_prompt']} samples = "
-                         f"{e['num_comparisons']} comparisons, judged by the built-in gold judge (best score "
-                         f"{e['best_gold']:g}), not the reward model."),
-                   ("table", [["win rate", "tie rate", "loss rate", "SFT gold mean", "PPO gold mean", "PPO KL (nats)"],
-                              [_f(e["win_rate"]), _f(e["tie_rate"]), _f(e["loss_rate"]), _f(e["sft_gold_mean"]),
-                               _f(e["ppo_gold_mean"]), _f(e["ppo_kl"])]])]  # fmt: skip
+                         f"{e['num_comparisons']} comparisons, judged by {e['judge_about']}; not the reward model."),
+                   ("table", [header, row])]  # fmt: skip
     blocks.append(("h2", "Curves"))
     blocks += [("img", f"plots/{file}") for file in drawn]
     if evaluation and evaluation["samples"]:
-        blocks += [("h2", "Samples on held-out prompts (SFT | PPO, gold score in brackets)"),
-                   ("table", [["prompt", "SFT", "PPO"]] + [
-                       [s["prompt"], f"{s['sft']} [{s['sft_gold']:g}]", f"{s['ppo']} [{s['ppo_gold']:g}]"]
+        base = evaluation.get("baseline_name", "SFT")
+        blocks += [("h2", f"Samples on held-out prompts ({base} | PPO, {evaluation['judge']} score in brackets)"),
+                   ("table", [["prompt", base, "PPO"]] + [
+                       [s["prompt"], f"{s['sft']} [{s['sft_score']:.3g}]", f"{s['ppo']} [{s['ppo_score']:.3g}]"]
                        for s in evaluation["samples"]])]  # fmt: skip
     md, page = render(blocks, run_dir)
     atomic_write_text(run_dir / REPORT_MD, md)
@@ -191,24 +203,27 @@ def _evaluate(
     if not cfg.eval.enabled or ppo_dir is None:
         return None
     ppo_cfg = OmegaConf.load(ppo_dir / "pipeline_stage_config.yaml")
-    if ppo_cfg.data.path != "builtin":
-        log.info("gold evaluation skipped: it needs the built-in task's judge (ppo.data.path=builtin)")
+    if evaluate.resolve_judge(ppo_cfg.data, cfg.eval.judge) is None:
+        log.info(
+            "evaluation skipped: no judge for this PPO data (set eval.judge=sentiment to use the IMDB one)"
+        )
         return None
     eval_key = hashlib.sha256(
         json.dumps([keys["ppo"], OmegaConf.to_container(cfg.eval)]).encode()
     ).hexdigest()
     cached = run_dir / EVAL_JSON
     if cached.is_file() and json.loads(cached.read_text()).get("key") == eval_key:
-        log.info("gold evaluation: up to date in %s", cached)
+        log.info("evaluation: up to date in %s", cached)
         return json.loads(cached.read_text())["result"]
     start = time.perf_counter()
     # the SFT export of this run (wherever the run directory now is), else PPO's reference as given
     baseline = str(stage_dirs["sft"] / "export") if "sft" in stage_dirs else ppo_cfg.ref.name_or_path
-    result = evaluate.gold_evaluation(
+    result = evaluate.compare(
         ppo_dir / "export", baseline, baseline,
         samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed,
-        num_report_samples=cfg.eval.num_report_samples, **evaluate.settings_from(ppo_cfg),
+        num_report_samples=cfg.eval.num_report_samples, **evaluate.settings_from(ppo_cfg, cfg.eval.judge),
     )  # fmt: skip
+    result["baseline_name"] = "SFT" if "sft" in stage_dirs else "reference"  # the report's column label
     result["eval_wall_s"] = time.perf_counter() - start
     atomic_write_text(cached, json.dumps({"key": eval_key, "result": result}))
     return result
@@ -222,10 +237,14 @@ def finish(cfg: DictConfig, run_dir: Path, result: dict[str, Any]) -> dict[str, 
     summary = write_report(
         run_dir, stage_dirs, result["stages"], evaluation, time.perf_counter() - result["start"]
     )
-    if evaluation:
+    if evaluation and evaluation["judge"] == "gold":
         log.info("gold evaluation: PPO beats SFT on %.1f%% (ties %.1f%%); gold mean SFT %.3f -> PPO %.3f; KL %.3f",
                  100 * evaluation["win_rate"], 100 * evaluation["tie_rate"], evaluation["sft_gold_mean"],
                  evaluation["ppo_gold_mean"], evaluation["ppo_kl"])  # fmt: skip
+    elif evaluation:
+        log.info("sentiment evaluation: positive share SFT %.1f%% -> PPO %.1f%%; KL %.3f",
+                 100 * evaluation["sft_positive_share"], 100 * evaluation["ppo_positive_share"],
+                 evaluation["ppo_kl"])  # fmt: skip
     log.info("report: %s (and report.html, report.json)", run_dir / REPORT_MD)
     return summary
 
@@ -249,23 +268,26 @@ class SweepReport(Callback):
         common = set.intersection(*(set(r["overrides"]) for r in runs))
         for r in runs:
             r["overrides"] = " ".join(o for o in r["overrides"] if o not in common) or r["run"]
-        keys = ("ppo_kl", "ppo_gold_mean", "sft_gold_mean", "win_rate", "tie_rate")
-        table = [["run", "overrides", "PPO KL", "PPO gold mean", "SFT gold mean", "win rate", "tie rate"]]
+        name = runs[0].get("judge", "gold")  # the judge's score: gold, or sentiment (P(positive))
+        keys = ("ppo_kl", f"ppo_{name}_mean", f"sft_{name}_mean", "win_rate", "tie_rate")
+        table = [
+            ["run", "overrides", "PPO KL", f"PPO {name} mean", f"SFT {name} mean", "win rate", "tie rate"]
+        ]
         table += [[r["run"], r["overrides"], *(_f(r.get(k, "n/a")) for k in keys)] for r in runs]
         blocks: list[tuple[str, Any]] = [("h1", f"Sweep report: {sweep}")]
         if common:
             blocks.append(("p", "Every run: " + " ".join(sorted(common))))
         blocks.append(("table", table))
-        points = [r for r in runs if "ppo_kl" in r]
+        points = [r for r in runs if "ppo_kl" in r and keys[1] in r]
         if points:
             fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-            ax.scatter([r["ppo_kl"] for r in points], [r["ppo_gold_mean"] for r in points])
+            ax.scatter([r["ppo_kl"] for r in points], [r[keys[1]] for r in points])
             for r in points:
-                ax.annotate(r["overrides"], (r["ppo_kl"], r["ppo_gold_mean"]), fontsize=7)
-            frontier = _frontier([(r["ppo_kl"], r["ppo_gold_mean"]) for r in points])
-            ax.plot(*zip(*frontier), linestyle="--", alpha=0.6, label="frontier (more gold for less KL)")
-            ax.set(title="Gold reward against KL, one point per run", xlabel="PPO KL from the reference (nats)",
-                   ylabel="PPO gold mean (held-out prompts)")  # fmt: skip
+                ax.annotate(r["overrides"], (r["ppo_kl"], r[keys[1]]), fontsize=7)
+            frontier = _frontier([(r["ppo_kl"], r[keys[1]]) for r in points])
+            ax.plot(*zip(*frontier), linestyle="--", alpha=0.6, label=f"frontier (more {name} for less KL)")
+            ax.set(title=f"{name.capitalize()} score against KL, one point per run",
+                   xlabel="PPO KL from the reference (nats)", ylabel=f"PPO {name} mean (held-out prompts)")  # fmt: skip
             ax.legend()
             ax.grid(alpha=0.3)
             fig.tight_layout()

@@ -13,16 +13,20 @@ can leak into the judge that scores the result:
     eval    held-out openings for the final evaluation
 
 Records: {"text", "label" (1 positive, 0 negative), "rating"} (`imdb/train.jsonl.gz`, 25 000 reviews).
+With `data=imdb` (conf/data/imdb.yaml, `data.format=imdb`) each stage reads its part through the
+task functions below: `sft_conversations`, `reward_pairs`, `prompts` (ppo / eval) and `fit_judge`.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import random
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from data.formats import DataError, Message, PreferencePair, iter_rows
+from data.formats import Conversation, DataError, Message, PreferencePair, iter_rows
 
 PARTS = ("sft", "reward", "judge", "ppo", "eval")
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -88,9 +92,10 @@ def preference_pairs(reviews: list[Review], prompt_words: int, response_words: i
                      per_group: int = 4) -> list[PreferencePair]:  # fmt: skip
     """Positive-over-negative pairs of reviews that open with the same `prompt_words` words.
 
-    Within each group of reviews sharing an opening (case-insensitive), up to `per_group` pairs
-    (positive, negative) are drawn, each review used at most once per pair list. The prompt is
-    the positive review's opening as written.
+    Within each group of reviews sharing an opening (case-insensitive), up to `per_group` distinct
+    (positive, negative) combinations are drawn at random, so a review can be in several pairs
+    (same-opening groups are small: about 1 400 of 7 500 reviews would pair up one-to-one).
+    The prompt is the positive review's opening as written.
     """
     groups: dict[str, tuple[list[Review], list[Review]]] = collections.defaultdict(lambda: ([], []))
     for r in reviews:
@@ -99,10 +104,9 @@ def preference_pairs(reviews: list[Review], prompt_words: int, response_words: i
     rng = random.Random(seed)
     pairs = []
     for key in sorted(groups):
-        neg, pos = (list(g) for g in groups[key])
-        rng.shuffle(neg)
-        rng.shuffle(pos)
-        for p, n in list(zip(pos, neg))[:per_group]:
+        neg, pos = groups[key]
+        combos = [(p, n) for p in pos for n in neg]
+        for p, n in rng.sample(combos, min(per_group, len(combos))):
             prompt, chosen = opening(p, prompt_words, response_words)  # type: ignore[misc]
             _, rejected = opening(n, prompt_words, response_words)  # type: ignore[misc]
             pairs.append(
@@ -110,6 +114,61 @@ def preference_pairs(reviews: list[Review], prompt_words: int, response_words: i
             )
     rng.shuffle(pairs)
     return pairs
+
+
+# ----------------------------------------------------------------------------- the task (data.format=imdb)
+
+
+@functools.lru_cache(maxsize=2)
+def _parts(path: str, fractions: tuple[tuple[str, float], ...], seed: int):
+    return split_reviews(load_reviews(path), dict(fractions), seed)
+
+
+def task_parts(path: str, cfg: Any) -> dict[str, list[Review]]:
+    """The parts of the review file for a `data.imdb` config (the same split in every stage)."""
+    if cfg is None:
+        raise DataError("data.format=imdb needs the data.imdb settings: use data=imdb (conf/data/imdb.yaml)")
+    return _parts(str(path), tuple(sorted(dict(cfg.fractions).items())), cfg.seed)
+
+
+def sft_conversations(path: str, cfg: Any) -> list[Conversation]:
+    """SFT demonstrations: (opening, continuation) of every review of the sft part."""
+    rows = demonstrations(task_parts(path, cfg)["sft"], cfg.prompt_words, cfg.response_words)
+    return [Conversation((Message("user", p), Message("assistant", r)), f"imdb:sft:{i}")
+            for i, (p, r) in enumerate(rows)]  # fmt: skip
+
+
+def reward_pairs(
+    path: str, cfg: Any, eval_fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, eval) reward-model pairs from the reward part (see `preference_pairs`).
+
+    A review can be in several pairs, so the eval pairs are split off by review before pairing
+    (eval_fraction of the reviews, label-balanced): no eval continuation is ever trained on.
+    """
+    reviews = task_parts(path, cfg)["reward"]
+    split = split_reviews(reviews, {"reward": 1.0 - eval_fraction, "eval": eval_fraction}, seed)
+    train, evals = (
+        preference_pairs(split[part], cfg.prompt_words, cfg.response_words, cfg.seed, cfg.pairs_per_group)
+        for part in ("reward", "eval")
+    )
+    return train, evals
+
+
+def prompts(path: str, cfg: Any, part: str) -> list[tuple[Message, ...]]:
+    """Review openings of a part ("ppo" for rollouts, "eval" held out from every stage), deduplicated."""
+    seen: dict[str, None] = {}
+    for r in task_parts(path, cfg)[part]:
+        if (o := opening(r, cfg.prompt_words, cfg.response_words)) is not None:
+            seen.setdefault(o[0], None)
+    return [(Message("user", p),) for p in seen]
+
+
+def fit_judge(path: str, cfg: Any) -> SentimentJudge:
+    """The independent judge, fit on continuation-sized windows of the judge part."""
+    texts, labels = snippets(task_parts(path, cfg)["judge"], cfg.response_words, cfg.judge_windows_per_review,
+                             cfg.seed)  # fmt: skip
+    return SentimentJudge().fit(texts, labels)
 
 
 # ----------------------------------------------------------------------------- the independent judge

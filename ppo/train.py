@@ -24,6 +24,7 @@ from peft import PeftModel
 from core import checkpoint, dist, models
 from core import deepspeed as ds
 from core.logging import MetricsLogger
+from data import imdb
 from data.builtin import task
 from data.collate import GlobalBatches
 from data.formats import Conversation, Message, load_prompts, split_train_eval
@@ -144,6 +145,9 @@ class PPORecipe:
             train, held = task.split_prompts(d.builtin.seed)
             train_prompts = [(Message("user", p),) for p in train]
             eval_prompts = [(Message("user", p),) for p in held]
+        elif d.format == "imdb":  # openings of reviews no other stage saw (the final evaluation has its own)
+            train_prompts, eval_prompts = split_train_eval(imdb.prompts(d.path, d.imdb, "ppo"), d.eval_fraction,
+                                                           d.shuffle_seed)  # fmt: skip
         else:
             train_prompts, _ = load_prompts(d.path, d.format, on_error=d.on_error, split=d.split)
             if d.eval_path is not None:

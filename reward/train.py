@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from core import checkpoint, dist, models
 from core import deepspeed as ds
 from core.logging import MetricsLogger
+from data import imdb
 from data.builtin import task
 from data.collate import GlobalBatches
 from data.formats import Conversation, Message, PreferencePair, load_preferences, split_train_eval
@@ -108,6 +109,8 @@ class RewardRecipe:
                 task.preference_pairs(d.builtin.num_prompts, d.builtin.seed, train_prompts)
             )
             evals = self._builtin_pairs(task.preference_pairs(n_eval, d.builtin.seed + 1, heldout))
+        elif d.format == "imdb":
+            train, evals = imdb.reward_pairs(d.path, d.imdb, d.eval_fraction, d.shuffle_seed)
         else:
             train, _ = load_preferences(d.path, d.format, on_error=d.on_error, split=d.split)
             if d.eval_path is not None:

@@ -7,6 +7,7 @@ into micro-batches or ranks (the gradient-accumulation bug many trainers had).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from core import checkpoint, dist, models
 from core import deepspeed as ds
 from core.logging import MetricsLogger
-from data import builtin
+from data import builtin, imdb
 from data.collate import GlobalBatches, collate, pack
 from data.formats import Conversation, load_conversations, split_train_eval
 from data.templates import Encoded, PromptFormatter
@@ -42,11 +43,20 @@ class SFTRecipe:
         cfg = self.cfg
         transformers.set_seed(cfg.train.seed)
         self.device = dist.device()
-        self.tokenizer = models.load_tokenizer(
-            cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision
-        )
+        train, evals = self._load_conversations()
+        if cfg.model.tokenizer == models.TRAIN_TOKENIZER:  # on this stage's own text; saved with the export
+            texts = (m.content for c in train for m in c.messages)
+            self.tokenizer = models.train_tokenizer(texts, cfg.model.train_tokenizer_vocab)
+            # every rank trains its own: they must agree token for token
+            digest = hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+            if len(set(dist.all_gather_object(digest))) > 1:
+                raise RuntimeError("model.tokenizer=train: the ranks trained different tokenizers")
+        else:
+            self.tokenizer = models.load_tokenizer(
+                cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision
+            )
         self.formatter = PromptFormatter(self.tokenizer, **cfg.data.template)
-        self._setup_data()
+        self._setup_data(train, evals)
         self.ds_config = ds.config_from_groups(cfg.deepspeed, cfg.train, cfg.optim)
         self.zero3 = ds.zero3_init(self.ds_config)  # kept alive: transformers holds a weak reference
         model = models.build_model(cfg.model, cfg.peft, self.tokenizer, cfg.train.precision, head="lm")
@@ -78,16 +88,21 @@ class SFTRecipe:
                 step=0,
             )
 
-    def _setup_data(self) -> None:
+    def _load_conversations(self) -> tuple[list[Conversation], list[Conversation]]:
+        """(train, eval) demonstrations: built-in, IMDB openings, or any file / hub dataset."""
         d = self.cfg.data
         if d.path == "builtin":
-            train, evals = builtin.sft_conversations(d.builtin.num_prompts, d.builtin.seed, d.eval_fraction)
-        else:
-            train, _ = load_conversations(d.path, d.format, on_error=d.on_error, split=d.split)
-            if d.eval_path is not None:
-                evals, _ = load_conversations(d.eval_path, d.format, on_error=d.on_error, split=d.split)
-            else:
-                train, evals = split_train_eval(train, d.eval_fraction, d.shuffle_seed)
+            return builtin.sft_conversations(d.builtin.num_prompts, d.builtin.seed, d.eval_fraction)
+        if d.format == "imdb":
+            return split_train_eval(imdb.sft_conversations(d.path, d.imdb), d.eval_fraction, d.shuffle_seed)
+        train, _ = load_conversations(d.path, d.format, on_error=d.on_error, split=d.split)
+        if d.eval_path is not None:
+            evals, _ = load_conversations(d.eval_path, d.format, on_error=d.on_error, split=d.split)
+            return train, evals
+        return split_train_eval(train, d.eval_fraction, d.shuffle_seed)
+
+    def _setup_data(self, train: list[Conversation], evals: list[Conversation]) -> None:
+        d = self.cfg.data
         self.eval_conversations = evals
         self.num_truncated = self.num_encoded = 0
         train_set = self._encode(train)

@@ -2,12 +2,28 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from core.models import PAD_TOKEN, ModelError, load_model, load_tokenizer, resolve_precision
+from core.models import PAD_TOKEN, ModelError, load_model, load_tokenizer, resolve_precision, train_tokenizer
 
 
 def test_builtin_tokenizer_keeps_its_own_pad():
     tok = load_tokenizer("builtin", None, trust_remote_code=False)
     assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_trained_tokenizer_round_trips_and_saves(tmp_path):
+    texts = ["This movie was a delight from start to finish.", "A dull, overlong film; I left early."] * 50
+    tok = train_tokenizer(texts, vocab_size=300)
+    assert len(tok) <= 300 and tok.pad_token_id not in (tok.eos_token_id, tok.bos_token_id)
+    ids = tok("This film was dull")["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == "This film was dull"
+    assert (
+        tok.decode(tok("Ünïcödé 🙂")["input_ids"], skip_special_tokens=True) == "Ünïcödé 🙂"
+    )  # byte-level: no unknowns
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("This film was dull")["input_ids"] == ids and again.eos_token == "</s>"
+    with pytest.raises(ModelError, match="only the sft stage"):
+        load_tokenizer("train", None, trust_remote_code=False)
 
 
 @pytest.mark.parametrize(

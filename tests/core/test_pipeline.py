@@ -62,6 +62,9 @@ def test_stage_keys_reach_the_open_stage_nodes():
         "++sft.optim.lr=1e-4", "++ppo.kl_coef=0.1", "pipeline.name=x", "+ppo.extra=1", "hydra.run.dir=d",
         "++ppo.actor_ds=zero3",
     ]  # fmt: skip
+    # a group chosen by name and given keys in one command: the keys would silently replace the choice
+    with pytest.raises(ConfigError, match="would replace the choice"):
+        pipeline.stage_overrides_argv(["sft.data=imdb", "sft.data.max_len=96"])
 
 
 def test_compose_stage_values_groups_alias_and_typos():

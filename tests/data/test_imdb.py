@@ -57,10 +57,10 @@ def test_pairs_share_the_opening_and_prefer_the_positive_review():
         review("I wanted to see it again", 0, 4),
     ]
     pairs = imdb.preference_pairs(reviews, prompt_words=3, response_words=3, seed=0, per_group=4)
-    assert len(pairs) == 1  # one negative in the group: one pair
-    (p,) = pairs
-    assert p.prompt[0].content == "This movie was"
-    assert p.chosen in ("wonderful and moving", "superb in every way") and p.rejected == "dull and far"
+    assert len(pairs) == 2  # 2 positives x 1 negative in the group: two distinct combinations
+    assert {p.chosen for p in pairs} == {"wonderful and moving", "superb in every"}
+    assert all(p.prompt[0].content == "This movie was" and p.rejected == "dull and far" for p in pairs)
+    assert len(imdb.preference_pairs(reviews, 3, 3, seed=0, per_group=1)) == 1  # the cap per group
     assert imdb.preference_pairs(reviews, 3, 3, seed=0, per_group=0) == []
 
 
@@ -78,6 +78,41 @@ def test_snippets_are_continuation_sized_windows():
         [review(" ".join(f"w{i}" for i in range(50)), 1)], words=10, per_review=3, seed=0
     )
     assert len(texts) == 3 and labels == [1, 1, 1] and all(len(t.split()) == 10 for t in texts)
+
+
+def test_task_parts_feed_each_stage_from_disjoint_reviews(tmp_path):
+    """data.format=imdb: demonstrations, pairs, rollout prompts, evaluation prompts and the judge's
+    windows come from different reviews, with the settings of conf/data/imdb.yaml."""
+    from omegaconf import OmegaConf
+
+    words = {1: "great wonderful fine", 0: "awful dull poor"}
+    rows = [{"text": f"Opening {i % 7} " + " ".join([words[i % 2]] * 4) + f" r{i}", "label": i % 2}
+            for i in range(400)]  # fmt: skip
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = OmegaConf.load("conf/data/imdb.yaml").imdb
+    cfg.response_words = 6
+    convs = imdb.sft_conversations(str(path), cfg)
+    pairs, eval_pairs = imdb.reward_pairs(str(path), cfg, eval_fraction=0.2, seed=0)
+    rollout = imdb.prompts(str(path), cfg, "ppo")
+    held = imdb.prompts(str(path), cfg, "eval")
+    assert len(convs) == 160 and convs[0].messages[0].content.startswith("Opening")  # 40 % of 400
+    assert all(len(c.messages[1].content.split()) == 6 for c in convs)
+    assert pairs and all("great" in p.chosen and "awful" in p.rejected for p in pairs + eval_pairs)
+    # reviews recur across pairs, so eval pairs are split off by review: no eval continuation is trained on
+    seen = {r for p in pairs for r in p.source.split("|")}
+    assert eval_pairs and not seen & {r for p in eval_pairs for r in p.source.split("|")}
+    for prompts in (rollout, held):  # 2-word openings "Opening k" (7 of them), deduplicated
+        assert 5 <= len(prompts) == len(set(prompts)) <= 7 and all(
+            p[0].content.startswith("Opening ") for p in prompts
+        )
+    parts = imdb.task_parts(str(path), cfg)
+    ids = {name: {r.words[-1] for r in part} for name, part in parts.items()}
+    assert all(not ids[a] & ids[b] for a in ids for b in ids if a < b)  # disjoint
+    judge = imdb.fit_judge(str(path), cfg)
+    assert judge.positive_prob(["great wonderful", "awful dull"])[0] > 0.5
+    with pytest.raises(DataError, match="data=imdb"):
+        imdb.task_parts(str(path), None)
 
 
 @pytest.mark.shared_data
