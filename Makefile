@@ -27,7 +27,7 @@ demo: install
 	@echo "report: outputs/pipeline/builtin/report.md (self-contained: report.html; figures: report.json)"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
