@@ -125,7 +125,11 @@ def _init_comm() -> None:
     otherwise see 1 and reject the derived batch size.
     """
     dist.init_process_group()
-    clear_stale_build_locks()
+    if get_accelerator().device_name() == "cpu":
+        # the CPU comm op is built (or loaded) at every start, locally, in about a minute; on a GPU
+        # cluster ops may build for many minutes into a home directory several nodes share, where an
+        # old lock can be a live build on another node: left alone there
+        clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     _unlink_shm_workspace()
 
