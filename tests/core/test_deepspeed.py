@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from core.deepspeed import ConfigError, build_config, clear_stale_build_locks
+from core.deepspeed import ConfigError, build_config, clear_stale_build_locks, effective_stage
 
 BASE = dict(stage=2, offload_optimizer=False, offload_param=False, extra={}, micro_batch_size_per_device=4,
             grad_accum_steps=2, global_batch_size=None, precision="fp32", grad_clip=1.0, lr=1e-3, betas=[0.9, 0.95],
@@ -55,3 +55,21 @@ def test_a_stale_op_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypa
     os.utime(live, (hour_ago, hour_ago))
     monkeypatch.chdir(live.parent)
     assert clear_stale_build_locks() == [] and live.exists()
+
+
+def test_a_frozen_zero3_model_on_one_rank_without_offload_runs_unpartitioned():
+    assert [effective_stage(s, 1, frozen=True, offload_param=False) for s in (0, 1, 2, 3)] == [0, 1, 2, 0]
+    assert effective_stage(3, 1, frozen=True, offload_param=True) == 3  # offload: as configured
+    assert effective_stage(3, 2, frozen=True, offload_param=False) == 3  # two ranks: as configured
+    assert effective_stage(3, 1, frozen=False, offload_param=False) == 3  # a trained model: as configured
+    assert build_config(**{**BASE, "stage": 3, "frozen": True})["zero_optimization"] == {"stage": 0}
+    assert build_config(**{**BASE, "stage": 3})["zero_optimization"]["stage"] == 3
+
+
+def test_frozen_zero3_never_patches_torch_linear():
+    # a frozen model has no backward: DeepSpeed's memory-efficient linear (which replaces
+    # torch.nn.functional.linear for the whole process) is off for it, on for a trained one
+    frozen = build_config(**{**BASE, "stage": 3, "offload_param": True, "frozen": True})
+    assert frozen["zero_optimization"]["memory_efficient_linear"] is False
+    trained = build_config(**{**BASE, "stage": 3})
+    assert "memory_efficient_linear" not in trained["zero_optimization"]  # DeepSpeed's default (on)
