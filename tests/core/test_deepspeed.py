@@ -66,7 +66,7 @@ def test_a_frozen_zero3_model_on_one_rank_without_offload_runs_unpartitioned():
     assert build_config(**{**BASE, "stage": 3})["zero_optimization"]["stage"] == 3
 
 
-def test_frozen_zero3_never_patches_torch_linear():
+def test_a_frozen_zero3_config_turns_deepspeeds_linear_patch_off():
     # a frozen model has no backward: DeepSpeed's memory-efficient linear (which replaces
     # torch.nn.functional.linear for the whole process) is off for it, on for a trained one
     frozen = build_config(**{**BASE, "stage": 3, "offload_param": True, "frozen": True})
