@@ -50,21 +50,76 @@ class Packed:
     position_ids: list[int]
 
 
+def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `width` tokens: first-fit, longest first.
+
+    A sequence longer than `width` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, n in enumerate(used) if n + lengths[i] <= width), None)
+        if r is None:
+            rows.append([])
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        used[r] += lengths[i]
+    return rows
+
+
 def pack(examples: Sequence[Encoded], max_len: int) -> list[Packed]:
     """Greedy first-fit packing of whole examples into rows of at most max_len tokens.
 
     The first label of each example is masked so no example learns from its neighbour's end.
     """
     rows: list[Packed] = []
-    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
-        labels = [IGNORE_INDEX] + ex.labels[1:]
-        row = next((r for r in rows if len(r.input_ids) + len(ex.input_ids) <= max_len), None)
-        if row is None:
-            rows.append(row := Packed([], [], []))
-        row.input_ids += ex.input_ids
-        row.labels += labels
-        row.position_ids += list(range(len(ex.input_ids)))
+    for members in first_fit([len(e.input_ids) for e in examples], max_len):
+        row = Packed([], [], [])
+        for ex in (examples[i] for i in members):
+            row.input_ids += ex.input_ids
+            row.labels += [IGNORE_INDEX] + ex.labels[1:]
+            row.position_ids += list(range(len(ex.input_ids)))
+        rows.append(row)
     return rows
+
+
+@dataclass
+class PackedSequences:
+    """Sequences laid end to end in rows, for a padding-free forward (no labels: scoring).
+
+    input_ids:    [R, W] (pad_id after each row's last sequence)
+    position_ids: [R, W] restarting at 0 at every sequence (and for the padding, its own segment),
+                  so transformers attends only within a sequence (block-diagonal causal mask)
+    ends:         [N] flat index (row * W + column) of each sequence's last token, in input order
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    ends: torch.Tensor
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Each sequence's value at its last token: values [R, W] -> [N]."""
+        return values.reshape(-1)[self.ends.to(values.device)]
+
+
+def pack_sequences(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> PackedSequences:
+    """First-fit packing of token sequences into rows of `width` (wider if one sequence is longer)."""
+    groups = first_fit([len(s) for s in seqs], width)
+    width = max(width, max(map(len, seqs)))
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    ends = torch.empty(len(seqs), dtype=torch.long)
+    for r, members in enumerate(groups):
+        col = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, col : col + n] = torch.tensor(seqs[i])
+            positions[r, col : col + n] = torch.arange(n)
+            col += n
+            ends[i] = r * width + col - 1
+        positions[r, col:] = torch.arange(width - col)
+    return PackedSequences(ids, positions, ends)
 
 
 def collate(examples: Sequence[Encoded | Packed], pad_id: int) -> Batch:

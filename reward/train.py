@@ -4,6 +4,11 @@ The model is the policy's backbone with a scalar head (sequence classification, 
 initialised from an SFT export when `model.name_or_path` points at one. Its score for a
 (prompt, reply) is the head's value at the last real token, the EOS that ends the reply, read
 from the attention mask so left or right padding and pad == EOS tokenizers all score the same.
+
+With `data.packing` (the default here) each micro-batch's sequences are laid end to end in rows
+of `data.max_len` tokens instead of padded to the longest: the same pairs and the same loss, with
+fewer padded tokens to compute. Positions restart at every sequence, so each is scored as if
+alone; setup checks that the model honours this before training.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from core import deepspeed as ds
 from core.logging import MetricsLogger
 from data import imdb
 from data.builtin import task
-from data.collate import GlobalBatches
+from data.collate import GlobalBatches, pack_sequences
 from data.formats import Conversation, Message, PreferencePair, load_preferences, split_train_eval
 from data.templates import PromptFormatter
 from reward.loss import accuracy, centering_penalty, preference_loss
@@ -81,6 +86,8 @@ class RewardRecipe:
         self.engine = ds.train_engine(model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
                                       total_steps=cfg.train.max_steps, min_lr_ratio=o.min_lr_ratio)  # fmt: skip
         self.head = models.score_head(self.engine.module)
+        if cfg.data.packing:
+            self._check_packing()
         config = OmegaConf.to_container(cfg, resolve=True)
         self.logger = MetricsLogger.from_group(
             self.run_dir, cfg.logger, config, cfg.train.max_steps, job_type="reward"
@@ -157,16 +164,37 @@ class RewardRecipe:
             return ids[-self.cfg.data.max_len :]
         return ids
 
+    def _check_packing(self) -> None:
+        """Fail before training if the model lets packed sequences attend to each other."""
+        p = self.train_set[0]
+        self.engine.eval()  # no dropout: the two forwards must be comparable
+        error = models.packing_error(self.engine, p.chosen, p.rejected, self.device)
+        self.engine.train()
+        if error > 0.05:
+            raise models.ModelError(
+                f"data.packing=true, but {type(self.engine.module).__name__} does not keep packed sequences "
+                f"apart (a sequence's hidden states move by {error:.2f} relative when another precedes it in "
+                "the row): set data.packing=false"
+            )
+
     # ------------------------------------------------------------------ train
 
     def rewards(self, pairs: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chosen [B], rejected [B], margin [B]) rewards of a micro-batch of pairs."""
-        ids, mask, margin = collate_pairs(pairs, self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        values = models.token_scores(self.engine, self.head, ids, mask)  # [2B, T]
-        scores = values.gather(1, models.last_index(mask)[:, None]).squeeze(1)  # [2B]
+        margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=self.device)
+        if self.cfg.data.packing:
+            rows = pack_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs],
+                                  self.cfg.data.max_len, self.tokenizer.pad_token_id)  # fmt: skip
+            ids, positions = rows.input_ids.to(self.device), rows.position_ids.to(self.device)
+            values = models.token_scores(self.engine, self.head, ids, position_ids=positions)  # [R, W]
+            scores = rows.gather(values)  # [2B]
+        else:
+            ids, mask, _ = collate_pairs(pairs, self.tokenizer.pad_token_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            values = models.token_scores(self.engine, self.head, ids, mask)  # [2B, T]
+            scores = values.gather(1, models.last_index(mask)[:, None]).squeeze(1)  # [2B]
         chosen, rejected = scores.chunk(2)
-        return chosen, rejected, margin.to(self.device)
+        return chosen, rejected, margin
 
     def train(self) -> None:
         t, center = self.cfg.train, self.cfg.loss.center_coef

@@ -1,9 +1,10 @@
-"""The score is read at the last real token (the EOS ending the reply), whatever the padding."""
+"""The score is read at the last real token (the EOS ending the reply), whatever the padding or packing."""
 
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from core.models import last_index, score_head, token_scores
+from core.models import last_index, packing_error, score_head, token_scores
+from data.collate import pack_sequences
 from reward.train import EncodedPair, collate_pairs
 
 
@@ -68,3 +69,33 @@ def test_collate_pairs_layout():
     ids, mask, margin = collate_pairs([EncodedPair([1, 2], [1, 2, 3], 0.5)], pad_id=0)
     assert ids.tolist() == [[1, 2, 0], [1, 2, 3]] and mask.tolist() == [[True, True, False], [True] * 3]
     assert margin.tolist() == [0.5]
+
+
+def packed_scores(model, pairs, pad_id, width):
+    rows = pack_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], width, pad_id)
+    with torch.no_grad():
+        values = token_scores(model, score_head(model), rows.input_ids, position_ids=rows.position_ids)
+    return rows.gather(values), rows
+
+
+def test_packed_pairs_give_each_sequence_its_unpadded_score():
+    model = tiny_scorer(pad_id=EOS)  # pad == EOS as well: the ends come from the layout, not the ids
+    expected = [unpadded_end_score(model, p.chosen) for p in PAIRS] + [
+        unpadded_end_score(model, p.rejected) for p in PAIRS
+    ]
+    for width in (7, 10, 64):  # lengths 5, 4, 7, 3 in rows of [7] [5] [4 3]; [7 3] [5 4]; one row
+        got, rows = packed_scores(model, PAIRS, EOS, width)
+        assert rows.input_ids.shape[0] == {7: 3, 10: 2, 64: 1}[width]
+        torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_packing_error_tells_a_model_that_keeps_sequences_apart_from_one_that_does_not():
+    model = tiny_scorer(pad_id=0)
+    first, second = PAIRS[1].rejected, PAIRS[0].chosen
+    assert packing_error(model, first, second, torch.device("cpu")) < 1e-4
+
+    def ignores_positions(**kwargs):  # plain causal attention over the whole row
+        kwargs.pop("position_ids", None)
+        return model(**kwargs)
+
+    assert packing_error(ignores_positions, first, second, torch.device("cpu")) > 0.05
