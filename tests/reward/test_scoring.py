@@ -1,11 +1,12 @@
 """The score is read at the last real token (the EOS ending the reply), whatever the padding or packing."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from core.models import last_index, packing_error, score_head, token_scores
+from core.models import ModelError, last_index, packing_error, score_head, token_scores
 from data.collate import pack_sequences
-from reward.train import EncodedPair, collate_pairs
+from reward.train import EncodedPair, RewardRecipe, collate_pairs
 
 
 def tiny_scorer(pad_id: int):
@@ -99,3 +100,37 @@ def test_packing_error_tells_a_model_that_keeps_sequences_apart_from_one_that_do
         return model(**kwargs)
 
     assert packing_error(ignores_positions, first, second, torch.device("cpu")) > 0.05
+
+
+class StandIn(torch.nn.Module):
+    """An engine stand-in around a model, with a forward that mishandles packed rows."""
+
+    def __init__(self, module, forward):
+        super().__init__()
+        self.module, self._forward = module, forward
+
+    def forward(self, **kwargs):
+        return self._forward(**kwargs)
+
+
+def test_reward_setup_refuses_packing_for_models_that_cannot_keep_sequences_apart():
+    model = tiny_scorer(pad_id=0)
+
+    def ignores_positions(position_ids=None, **kwargs):
+        return model(**kwargs)
+
+    def without_positions(input_ids, attention_mask=None, output_hidden_states=False, use_cache=False):
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+        )
+
+    recipe = RewardRecipe.__new__(RewardRecipe)  # only what _check_packing reads
+    recipe.device, recipe.train_set = torch.device("cpu"), PAIRS
+    recipe.engine = StandIn(model, model)
+    recipe._check_packing()  # the real model passes
+    recipe.engine = StandIn(model, ignores_positions)
+    with pytest.raises(ModelError, match="does not keep packed sequences apart.*set data.packing=false"):
+        recipe._check_packing()
+    recipe.engine = StandIn(model, without_positions)
+    with pytest.raises(ModelError, match="needs position_ids.*set data.packing=false"):
+        recipe._check_packing()
