@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.collate import GlobalBatches, collate, pack
+from data.collate import GlobalBatches, collate, pack, pack_sequences
 from data.templates import IGNORE_INDEX, Encoded
 
 
@@ -55,3 +55,19 @@ def test_global_batches_split_the_same_global_batch_over_ranks_and_micro_steps()
     assert one.micro_batches(25, 0) != one.micro_batches(0, 0)  # and the next one reshuffles
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatches(3, micro_batch=4, grad_accum=1, world_size=1, seed=0)
+
+
+def test_pack_sequences_layout_ends_and_positions():
+    rows = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], width=6, pad_id=0)
+    # longest first: [6 7 8 9 4 5] then [1 2 3] padded; ends are flat indices, in input order
+    assert rows.input_ids.tolist() == [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]  # padding: its own segment
+    assert rows.ends.tolist() == [8, 5, 3]
+    values = torch.arange(12.0).reshape(2, 6)
+    assert rows.gather(values).tolist() == [8.0, 5.0, 3.0]
+
+
+def test_pack_sequences_gives_a_longer_sequence_its_own_wider_row():
+    rows = pack_sequences([[1, 2], [3, 4, 5, 6, 7], [8]], width=3, pad_id=0)
+    assert rows.input_ids.tolist() == [[3, 4, 5, 6, 7], [1, 2, 8, 0, 0]]
+    assert rows.ends.tolist() == [6, 4, 7]
