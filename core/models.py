@@ -230,6 +230,55 @@ def packing_error(model, first: list[int], second: list[int], device: torch.devi
     return ((p - a).norm() / a.norm().clamp(min=1e-12)).item()
 
 
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's output layer on final (normed) hidden states: [..., d] -> [..., V].
+
+    For reading logits at a few gathered positions of packed rows instead of at every token. It
+    equals the model's own logits only when those are the output embeddings applied to
+    `hidden_states[-1]`; `lm_head_error` checks that (logit soft-capping or scaling breaks it).
+    """
+    return getattr(model, "module", model).get_output_embeddings()(hidden)
+
+
+@torch.no_grad()
+def lm_head_error(model, ids: list[int], device: torch.device) -> float:
+    """Relative difference between a causal LM's logits and `output_logits` of its last hidden states."""
+    row = torch.tensor([ids], device=device)
+    out = model(
+        input_ids=row, attention_mask=torch.ones_like(row), output_hidden_states=True, use_cache=False
+    )
+    mine = output_logits(model, out.hidden_states[-1]).float()
+    return ((mine - out.logits.float()).norm() / out.logits.float().norm().clamp(min=1e-12)).item()
+
+
+def check_packing(
+    model, first: list[int], second: list[int], device: torch.device, *, lm: bool = False
+) -> None:
+    """Stop before training if `model` cannot score packed rows (data.packing=true).
+
+    It must take position ids and keep packed sequences apart (`packing_error` at rounding level);
+    with `lm`, its logits must also be its output layer on its last hidden states (`lm_head_error`),
+    since packed rows read them at gathered positions. Call it in eval mode (no dropout).
+    """
+    name = type(getattr(model, "module", model)).__name__
+    try:
+        error = packing_error(model, first, second, device)
+    except TypeError as e:  # a forward without position_ids
+        raise ModelError(f"data.packing=true needs position_ids, which {name} does not take ({e}): "
+                         "set data.packing=false") from e  # fmt: skip
+    if error > 0.05:
+        raise ModelError(
+            f"data.packing=true, but {name} does not keep packed sequences apart (a sequence's hidden "
+            f"states move by {error:.2f} relative when another precedes it in the row): set data.packing=false"
+        )
+    if lm and (head := lm_head_error(model, second, device)) > 1e-3:
+        raise ModelError(
+            f"data.packing=true reads logits at gathered positions, but {name}'s logits are not its output "
+            f"embeddings applied to its last hidden state (relative difference {head:.2g}; logit "
+            "soft-capping or scaling?): set data.packing=false"
+        )
+
+
 def score_head(model: torch.nn.Module) -> torch.nn.Module:
     """The scalar head (`score`) of a sequence-classification model, also inside a peft wrapper."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model

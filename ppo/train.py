@@ -33,7 +33,7 @@ from ppo import rollout as ro
 from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
 from ppo.kl import ESTIMATORS as KL_ESTIMATORS
 from ppo.kl import KLController, kl_estimate
-from ppo.loss import entropy_from_logits, kl_loss, policy_loss, value_loss
+from ppo.loss import kl_loss, policy_loss, value_loss
 from ppo.ptx import PtxData
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class PPORecipe:
         self._setup_tokenizers()
         self._setup_data()
         self._setup_models()
+        if cfg.data.packing:
+            self._check_packing()
         transformers.set_seed(cfg.train.seed + 1 + dist.rank())  # then each rank samples its own responses
         self.kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.score_moments = RunningMoments()
@@ -224,6 +226,23 @@ class PPORecipe:
         self.reward_head = models.score_head(self.reward.module)
         self.rm_stats = self._reward_stats()
 
+    def _check_packing(self) -> None:
+        """data.packing: fail before training if a model cannot score packed rows (`models.check_packing`)."""
+        first, second = self.train_ids[0], self.train_ids[1 % len(self.train_ids)]
+        for model, lm in ((self.actor, True), (self.ref, True), (self.critic, False)):
+            if model is not None:  # no separate reference with a LoRA actor
+                models.check_packing(model, first, second, self.device, lm=lm)
+        if not self.rm_shares_tokens:
+            first, second = (self.rm_formatter.encode_prompt(p) for p in (self.train_prompts * 2)[:2])
+        models.check_packing(self.reward, first, second, self.device)
+
+    def _sequences(
+        self, ids: torch.Tensor, mask: torch.Tensor, width: int, pad_id: int | None = None
+    ) -> ro.Sequences:
+        """A micro-batch as the models take it: packed rows with data.packing, else padded rows."""
+        pad = self.pad_id if pad_id is None else pad_id
+        return ro.Sequences.of(ids, mask, width, pad, self.cfg.data.packing)
+
     def _reward_stats(self) -> dict[str, float] | None:
         if self.cfg.ppo.reward_norm != "rm_stats":
             return None
@@ -278,13 +297,18 @@ class PPORecipe:
         """Raw reward-model scores [B]; re-tokenised for a reward model with its own tokenizer."""
         if self.rm_shares_tokens:
             return self._chunked(
-                lambda i, m: ro.sequence_scores(self.reward, self.reward_head, i, m), ids, mask
+                lambda i, m: ro.sequence_scores(self.reward, self.reward_head, self._sequences(i, m, 0)),
+                ids,
+                mask,
             )
         rows = [self.rm_formatter.encode(Conversation((*p, Message("assistant", text))), max_len=10**9).input_ids
                 for p, text in zip(prompts, self.decode(response, response_mask))]  # fmt: skip
         rm_ids, rm_mask = ro.pad_rows(rows, self.rm_tokenizer.pad_token_id, "right", self.device)
+        pad = self.rm_tokenizer.pad_token_id
         return self._chunked(
-            lambda i, m: ro.sequence_scores(self.reward, self.reward_head, i, m), rm_ids, rm_mask
+            lambda i, m: ro.sequence_scores(self.reward, self.reward_head, self._sequences(i, m, 0, pad)),
+            rm_ids,
+            rm_mask,
         )
 
     def _chunked(self, fn, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -302,8 +326,8 @@ class PPORecipe:
         out = []
         with self.actor.module.disable_adapter() if self.lora else contextlib.nullcontext():
             for k in range(0, len(ids), n):
-                logits = ro.response_logits(model, ids[k : k + n], mask[k : k + n], width)  # [b, A, V]
-                out.append(ro.logprobs_from_logits(logits, response[k : k + n], T))
+                seqs = self._sequences(ids[k : k + n], mask[k : k + n], width)
+                out.append(ro.response_logprobs(model, seqs, response[k : k + n], T)[0])  # [b, A]
         return torch.cat(out)
 
     def rollout_values(self, step: int, ids: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -322,8 +346,8 @@ class PPORecipe:
             for a in range(self.cfg.train.grad_accum_steps):
                 idx = first[a * micro : (a + 1) * micro]
                 v = ro.response_values(
-                    self.critic, head, ids[idx], mask[idx], width
-                )  # [micro, A], with graph
+                    self.critic, head, self._sequences(ids[idx], mask[idx], width)
+                )  # with graph
                 self.critic_graphs[a] = v
                 values[idx] = v.detach()
                 todo[idx] = False
@@ -331,8 +355,11 @@ class PPORecipe:
         if len(rest):
             self.critic.eval()
             with torch.no_grad():
-                values[rest] = self._chunked(lambda i, m: ro.response_values(self.critic, head, i, m, width),
-                                             ids[rest], mask[rest])  # fmt: skip
+                values[rest] = self._chunked(
+                    lambda i, m: ro.response_values(self.critic, head, self._sequences(i, m, width)),
+                    ids[rest],
+                    mask[rest],
+                )
             self.critic.train()
         return values
 
@@ -448,16 +475,16 @@ class PPORecipe:
                 mb_kl = torch.zeros((), device=self.device)
                 for a in range(accum):
                     idx = order[k * self.minibatch + a * micro : k * self.minibatch + (a + 1) * micro]
-                    mb, mids, mmask = r.select(idx), ids[idx], seq_mask[idx]
+                    mb, seqs = r.select(idx), self._sequences(ids[idx], seq_mask[idx], width)
                     # actor: clipped surrogate (+ entropy bonus, + KL loss, + ptx)
-                    logits = ro.response_logits(self.actor, mids, mmask, width)  # [b, A, V]
-                    logp = ro.logprobs_from_logits(logits, mb.response_ids, T)
+                    logp, ent = ro.response_logprobs(
+                        self.actor, seqs, mb.response_ids, T, entropy=bool(p.entropy_coef)
+                    )
                     pl = policy_loss(
                         logp, mb.logprobs, mb.advantages, mb.response_mask, p.clip_eps, denoms[k]
                     )
                     loss = pl.loss
                     if p.entropy_coef:
-                        ent = entropy_from_logits(logits / T)
                         loss = loss - p.entropy_coef * (ent * mb.response_mask).sum() / denoms[k]
                     if p.kl_in == "loss":
                         kl = kl_estimate(logp, mb.ref_logprobs, p.kl_estimator)
@@ -474,7 +501,7 @@ class PPORecipe:
                     ):  # the rollout's forward, same weights
                         v = self.critic_graphs.pop(a)
                     else:
-                        v = ro.response_values(self.critic, self.critic_head, mids, mmask, width)
+                        v = ro.response_values(self.critic, self.critic_head, seqs)
                     vl = value_loss(v, mb.values, mb.returns, mb.response_mask, p.value_clip_eps, denoms[k])
                     self.critic.backward(vl.loss)
                     self.critic.step()

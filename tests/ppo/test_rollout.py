@@ -1,8 +1,19 @@
-"""Rollout helpers: response masks with early EOS, padding sides, log-probs from logits."""
+"""Rollout helpers: response masks with early EOS, padding sides, log-probs from logits, packed rows."""
 
+import pytest
 import torch
 
-from ppo.rollout import Rollout, ends_with_eos, logprobs_from_logits, pad_rows, response_mask
+from ppo.rollout import (
+    Rollout,
+    Sequences,
+    ends_with_eos,
+    logprobs_from_logits,
+    pad_rows,
+    response_logprobs,
+    response_mask,
+    response_values,
+    sequence_scores,
+)
 
 EOS, PAD = 2, 0
 
@@ -40,33 +51,91 @@ def test_rollout_select_and_sequence():
     assert ids.shape == (2, P + A) and mask.all()
 
 
-def test_padded_batch_scores_each_row_as_alone():
-    """Left-padded prompts of different lengths, responses with early EOS: log-probs and values of the
-    valid response tokens equal those of each row run alone without padding."""
+def _tiny_models():
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from ppo.rollout import response_logits, response_values
 
     torch.manual_seed(0)
     cfg = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, pad_token_id=PAD, eos_token_id=EOS)  # fmt: skip
     lm = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     critic = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1)).eval()
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    responses = torch.tensor([[11, 12, EOS, PAD], [13, EOS, PAD, PAD]])
-    pids, pmask = pad_rows(prompts, PAD, "left", torch.device("cpu"))
-    rmask = response_mask(responses, EOS, True)
-    ids, mask = torch.cat([pids, responses], 1), torch.cat([pmask, rmask], 1)
+    return lm, critic
+
+
+# one response without EOS (full width), two ended early
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11]]
+RESPONSES = torch.tensor([[11, 12, 16, 17], [13, EOS, PAD, PAD], [14, 15, EOS, PAD]])
+
+
+def _batch(pack: bool) -> Sequences:
+    pids, pmask = pad_rows(PROMPTS, PAD, "left", torch.device("cpu"))
+    rmask = response_mask(RESPONSES, EOS, True)
+    ids, mask = torch.cat([pids, RESPONSES], 1), torch.cat([pmask, rmask], 1)
+    return Sequences.of(ids, mask, pids.shape[1], PAD, pack)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_batch_scores_each_row_as_alone(pack):
+    """Left-padded prompts of different lengths, responses with early EOS, padded or packed rows:
+    log-probs and values of the valid response tokens equal those of each row run alone."""
+    lm, critic = _tiny_models()
+    seqs = _batch(pack)
+    assert (seqs.packed is not None) == pack
+    if pack:  # 8 + 4 + 4 valid tokens in one row of 16 (twice the padded width)
+        assert seqs.packed.input_ids.shape == (1, 16)
     with torch.no_grad():
-        lp = logprobs_from_logits(response_logits(lm, ids, mask, pids.shape[1]), responses, 1.0)
-        v = response_values(critic, critic.score, ids, mask, pids.shape[1])
-        for b, prompt in enumerate(prompts):
-            n = int(rmask[b].sum())
-            alone = torch.tensor([prompt + responses[b, :n].tolist()])
-            ones = torch.ones_like(alone, dtype=torch.bool)
-            lp_alone = logprobs_from_logits(
-                response_logits(lm, alone, ones, len(prompt)), responses[b : b + 1, :n], 1.0
-            )
-            v_alone = response_values(critic, critic.score, alone, ones, len(prompt))
+        lp, ent = response_logprobs(lm, seqs, RESPONSES, 1.0, entropy=True)
+        v = response_values(critic, critic.score, seqs)
+        scores = sequence_scores(critic, critic.score, seqs)
+        for b, prompt in enumerate(PROMPTS):
+            n = int(seqs.response_mask[b].sum())
+            alone_ids = torch.tensor([prompt + RESPONSES[b, :n].tolist()])
+            alone = Sequences(alone_ids, torch.ones_like(alone_ids, dtype=torch.bool), len(prompt))
+            lp_alone, ent_alone = response_logprobs(lm, alone, RESPONSES[b : b + 1, :n], 1.0, entropy=True)
+            v_alone = response_values(critic, critic.score, alone)
             torch.testing.assert_close(lp[b, :n], lp_alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ent[b, :n], ent_alone[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v[b, :n], v_alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                scores[b], sequence_scores(critic, critic.score, alone)[0], atol=1e-5, rtol=1e-5
+            )
+
+
+def test_packed_rows_give_the_padded_gradients():
+    """The PPO update backpropagates through packed rows: same gradients as through padded ones."""
+    lm, critic = _tiny_models()
+    grads = []
+    for pack in (False, True):
+        lm.zero_grad()
+        seqs = _batch(pack)
+        lp, _ = response_logprobs(lm, seqs, RESPONSES, 1.0)
+        v = response_values(critic, critic.score, seqs)
+        ((lp + v) * seqs.response_mask).sum().backward()
+        grads.append([p.grad.clone() for p in (*lm.parameters(), *critic.parameters())])
+        critic.zero_grad()
+    for padded, packed in zip(*grads):
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_check_refuses_logits_that_are_not_the_output_layer_on_the_last_hidden_state():
+    """Gathered-position logits are the output layer on hidden_states[-1]: a model that caps or scales its
+    logits (Gemma 2's final_logit_softcapping) would train on other numbers, so setup refuses to pack it."""
+    from core.models import ModelError, check_packing
+
+    lm, _ = _tiny_models()
+    cpu = torch.device("cpu")
+    check_packing(lm, [5, 6, 7], [8, 9], cpu, lm=True)  # a plain Llama passes
+
+    class SoftCapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = lm
+
+        def forward(self, **kwargs):
+            out = lm(**kwargs)
+            out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+            return out
+
+    check_packing(SoftCapped(), [5, 6, 7], [8, 9], cpu)  # hidden states still kept apart
+    with pytest.raises(ModelError, match="not its output embeddings.*set data.packing=false"):
+        check_packing(SoftCapped(), [5, 6, 7], [8, 9], cpu, lm=True)
