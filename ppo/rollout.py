@@ -104,11 +104,15 @@ def sample(
     return response, torch.stack(logprobs, 1), torch.stack(entropy, 1)
 
 
-# Packed rows are this many times the padded width: sequences are often over half of it (built-in
-# task: 30 real tokens of 45), so rows of the padded width would hold one each, while wider rows cost
-# attention over their whole width (a block-diagonal mask; FlashAttention-2 varlen skips it). Measured
-# on the built-in task, PPO step: 1x 0.87 s (= unpacked), 1.5x 0.80 s, 2x 0.73 s, 3x 0.74 s, 4x 0.81 s.
-ROW_WIDTH_FACTOR = 2
+# Packed rows are the padded width or twice it, whichever holds the sequences in fewer token slots:
+# sequences are often over half the padded width (built-in task: 30 real tokens of 45), so rows of that
+# width would hold one each. Wider rows cost attention over their whole width (a block-diagonal mask;
+# FlashAttention-2 varlen skips it), so a micro-batch stays padded unless packing saves at least
+# MIN_SAVING of the slots. Measured PPO step, built-in task (a third padding): unpacked 0.87 s; rows of
+# 1x 0.87 s, 1.5x 0.80 s, 2x 0.73 s, 3x 0.74 s, 4x 0.81 s. The `bench` workloads (4 % padding) gain
+# no slots from 2x rows and were 6 % slower with them (0.94 s vs 0.89 s), so they stay padded.
+ROW_WIDTH_FACTORS = (1, 2)
+MIN_SAVING = 0.1
 
 
 @dataclass
@@ -117,9 +121,10 @@ class Sequences:
 
     ids, mask: [b, P + A] (prompts left-padded, responses right-padded, mask True = valid).
     packed:    None for padded rows; with data.packing, each sequence's valid tokens laid end to end
-               in rows of ROW_WIDTH_FACTOR x (P + A) (`data.collate.pack_sequences`: position ids restart
-               per sequence, so attention stays within it), outputs read back at flat positions. The
-               same numbers without compute on padding (a third of the tokens on the built-in task).
+               in rows of 1 or 2 x (P + A) (`data.collate.pack_sequences`: position ids restart per
+               sequence, so attention stays within it), outputs read back at flat positions. The same
+               numbers without compute on padding (a third of the tokens on the built-in task). A
+               micro-batch with little padding stays padded (see ROW_WIDTH_FACTORS).
     """
 
     ids: torch.Tensor
@@ -134,7 +139,10 @@ class Sequences:
         if not pack:
             return cls(ids, mask, prompt_width)
         seqs = [r[m].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
-        rows = pack_sequences(seqs, ROW_WIDTH_FACTOR * ids.shape[1], pad_id)
+        layouts = [pack_sequences(seqs, f * ids.shape[1], pad_id) for f in ROW_WIDTH_FACTORS]
+        rows = min(layouts, key=lambda r: r.input_ids.numel())  # the narrower rows on a tie
+        if rows.input_ids.numel() > (1 - MIN_SAVING) * ids.numel():
+            return cls(ids, mask, prompt_width)  # packing would save little: padded rows
         dev = ids.device
         packed = PackedSequences(rows.input_ids.to(dev), rows.position_ids.to(dev), rows.ends.to(dev))
         return cls(ids, mask, prompt_width, packed)

@@ -81,8 +81,8 @@ def test_batch_scores_each_row_as_alone(pack):
     lm, critic = _tiny_models()
     seqs = _batch(pack)
     assert (seqs.packed is not None) == pack
-    if pack:  # 8 + 4 + 4 valid tokens in one row of 16 (twice the padded width)
-        assert seqs.packed.input_ids.shape == (1, 16)
+    if pack:  # 8 + 4 + 4 valid tokens: 2 rows of 8 (16 slots of 24), or 1 of 16: the narrower rows
+        assert seqs.packed.input_ids.shape == (2, 8)
     with torch.no_grad():
         lp, ent = response_logprobs(lm, seqs, RESPONSES, 1.0, entropy=True)
         v = response_values(critic, critic.score, seqs)
@@ -99,6 +99,18 @@ def test_batch_scores_each_row_as_alone(pack):
             torch.testing.assert_close(
                 scores[b], sequence_scores(critic, critic.score, alone)[0], atol=1e-5, rtol=1e-5
             )
+
+
+def test_a_micro_batch_with_little_padding_stays_padded():
+    """Packing must save at least MIN_SAVING of the token slots; else wider rows only add attention."""
+    ids = torch.arange(1, 13).reshape(3, 4)
+    full = torch.ones_like(ids, dtype=torch.bool)
+    assert Sequences.of(ids, full, 2, PAD, pack=True).packed is None
+    half = full.clone()
+    half[:, :2] = False  # half of every row is padding: 3 x 2 tokens fit in 2 rows of 4
+    seqs = Sequences.of(ids, half, 2, PAD, pack=True)
+    assert seqs.packed.input_ids.shape == (2, 4)
+    assert seqs.packed.input_ids.tolist() == [[3, 4, 7, 8], [11, 12, PAD, PAD]]
 
 
 def test_packed_rows_give_the_padded_gradients():
