@@ -237,7 +237,12 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     equals the model's own logits only when those are the output embeddings applied to
     `hidden_states[-1]`; `lm_head_error` checks that (logit soft-capping or scaling breaks it).
     """
-    return getattr(model, "module", model).get_output_embeddings()(hidden)
+    module = getattr(model, "module", model)
+    head = module.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(module).__name__} has no output embeddings to read packed logits with: "
+                         "set data.packing=false")  # fmt: skip
+    return head(hidden)
 
 
 @torch.no_grad()
@@ -258,7 +263,7 @@ def check_packing(
 
     It must take position ids and keep packed sequences apart (`packing_error` at rounding level);
     with `lm`, its logits must also be its output layer on its last hidden states (`lm_head_error`),
-    since packed rows read them at gathered positions. Call it in eval mode (no dropout).
+    since packed rows read them at gathered positions. Call it without dropout (eval mode).
     """
     name = type(getattr(model, "module", model)).__name__
     try:

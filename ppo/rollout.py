@@ -123,7 +123,7 @@ class Sequences:
     packed:    None for padded rows; with data.packing, each sequence's valid tokens laid end to end
                in rows of 1 or 2 x (P + A) (`data.collate.pack_sequences`: position ids restart per
                sequence, so attention stays within it), outputs read back at flat positions. The same
-               numbers without compute on padding (a third of the tokens on the built-in task). A
+               numbers (up to rounding) without compute on padding (a third of the tokens on the built-in task). A
                micro-batch with little padding stays padded (see ROW_WIDTH_FACTORS).
     """
 

@@ -239,9 +239,19 @@ class PPORecipe:
     def _sequences(
         self, ids: torch.Tensor, mask: torch.Tensor, width: int, pad_id: int | None = None
     ) -> ro.Sequences:
-        """A micro-batch as the models take it: packed rows with data.packing, else padded rows."""
+        """A micro-batch as the models take it: packed rows with data.packing, else padded rows.
+
+        Every rank takes the same layout (padded if any rank's micro-batch would stay padded): the
+        packed LM path calls the output layer once more, and under ZeRO-3 each call is a collective
+        gather that all ranks must make. One all-reduce per micro-batch, only with several ranks.
+        """
         pad = self.pad_id if pad_id is None else pad_id
-        return ro.Sequences.of(ids, mask, width, pad, self.cfg.data.packing)
+        seqs = ro.Sequences.of(ids, mask, width, pad, self.cfg.data.packing)
+        if self.cfg.data.packing and self.world > 1:
+            (padded_ranks,) = self._reduce([float(seqs.packed is None)])
+            if padded_ranks and seqs.packed is not None:
+                return ro.Sequences(ids, mask, width)
+        return seqs
 
     def _reward_stats(self) -> dict[str, float] | None:
         if self.cfg.ppo.reward_norm != "rm_stats":

@@ -151,3 +151,36 @@ def test_packing_check_refuses_logits_that_are_not_the_output_layer_on_the_last_
     check_packing(SoftCapped(), [5, 6, 7], [8, 9], cpu)  # hidden states still kept apart
     with pytest.raises(ModelError, match="not its output embeddings.*set data.packing=false"):
         check_packing(SoftCapped(), [5, 6, 7], [8, 9], cpu, lm=True)
+
+
+def _layout_on_rank(rank: int, port: int, out) -> None:
+    import os
+
+    from omegaconf import OmegaConf
+
+    from ppo.train import PPORecipe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    recipe = PPORecipe.__new__(PPORecipe)  # only what _sequences reads
+    recipe.cfg = OmegaConf.create({"data": {"packing": True}})
+    recipe.world, recipe.device, recipe.pad_id = 2, torch.device("cpu"), PAD
+    ids = torch.arange(1, 13).reshape(3, 4)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    if rank == 0:
+        mask[:, :2] = False  # rank 0's micro-batch would pack (half padding), rank 1's would not
+    alone = Sequences.of(ids, mask, 2, PAD, pack=True).packed is not None
+    out[rank] = (alone, recipe._sequences(ids, mask, 2).packed is not None)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_packed_or_padded_rows():
+    """Under ZeRO-3 the packed LM path gathers the output layer once more: a rank that packs while
+    another pads would desynchronise the collectives, so every rank takes the padded layout then."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    out = mp.Manager().dict()
+    mp.spawn(_layout_on_rank, args=(free_port(), out), nprocs=2)
+    assert out[0] == (True, False) and out[1] == (False, False)
