@@ -313,8 +313,8 @@ class PPORecipe:
             )
         rows = [self.rm_formatter.encode(Conversation((*p, Message("assistant", text))), max_len=10**9).input_ids
                 for p, text in zip(prompts, self.decode(response, response_mask))]  # fmt: skip
-        rm_ids, rm_mask = ro.pad_rows(rows, self.rm_tokenizer.pad_token_id, "right", self.device)
         pad = self.rm_tokenizer.pad_token_id
+        rm_ids, rm_mask = ro.pad_rows(rows, pad, "right", self.device)
         return self._chunked(
             lambda i, m: ro.sequence_scores(self.reward, self.reward_head, self._sequences(i, m, 0, pad)),
             rm_ids,
