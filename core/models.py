@@ -212,15 +212,18 @@ def token_scores(
 
 @torch.no_grad()
 def packing_error(model, first: list[int], second: list[int], device: torch.device) -> float:
-    """How far `second`'s final hidden states move when it follows `first` in one packed row.
+    """How far `second`'s final hidden states move when it follows `first` in a packed row.
 
     Relative difference (norm of the change / norm of the states): rounding-level (measured on CPU,
     Llamas of 4-24 layers: about 2e-7 in fp32, 3e-3 to 5e-3 in bf16) when the model keeps packed
     sequences apart by their restarting position ids, as transformers' Llama, Qwen2, GPT-2 and
-    GPT-NeoX do; order 0.1-1 when it attends across them. `model` is called in whatever mode it is in (put it in eval mode for dropout).
+    GPT-NeoX do with sdpa or eager attention; order 0.1-1 when it attends across them. The row is
+    sent as a batch of two, as training sends several rows: transformers' FlashAttention-2 keeps
+    packed sequences apart only in a batch of one row, and must fail this check. `model` is called
+    in whatever mode it is in (put it in eval mode for dropout).
     """
-    row = torch.tensor([first + second], device=device)
-    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+    row = torch.tensor([first + second] * 2, device=device)  # [2, T]
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))] * 2, device=device)
     packed = model(input_ids=row, position_ids=positions, output_hidden_states=True, use_cache=False)
     alone_ids = torch.tensor([second], device=device)
     alone = model(input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids),

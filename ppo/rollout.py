@@ -106,8 +106,8 @@ def sample(
 
 # Packed rows are the padded width or twice it, whichever holds the sequences in fewer token slots:
 # sequences are often over half the padded width (built-in task: 30 real tokens of 45), so rows of that
-# width would hold one each. Wider rows cost attention over their whole width (a block-diagonal mask;
-# FlashAttention-2 varlen skips it), so a micro-batch stays padded unless packing saves at least
+# width would hold one each. Wider rows cost attention over their whole width (a block-diagonal mask),
+# so a micro-batch stays padded unless packing saves at least
 # MIN_SAVING of the slots. Measured PPO step, built-in task (a third padding): unpacked 0.87 s; rows of
 # 1x 0.87 s, 1.5x 0.80 s, 2x 0.73 s, 3x 0.74 s, 4x 0.81 s. The `bench` workloads (4 % padding) gain
 # no slots from 2x rows and were 6 % slower with them (0.94 s vs 0.89 s), so they stay padded.

@@ -134,3 +134,14 @@ def test_reward_setup_refuses_packing_for_models_that_cannot_keep_sequences_apar
     recipe.engine = StandIn(model, without_positions)
     with pytest.raises(ModelError, match="needs position_ids.*set data.packing=false"):
         recipe._check_packing()
+
+    def one_row_packing_only(input_ids, position_ids=None, **kwargs):
+        """Like transformers' FlashAttention-2: positions restart, but a batch of rows attends causally
+        over each whole row (its variable-length path only reads packing from a batch of one)."""
+        if len(input_ids) > 1 and position_ids is not None:
+            kwargs["attention_mask"] = torch.ones_like(input_ids)
+        return model(input_ids=input_ids, position_ids=position_ids, **kwargs)
+
+    recipe.engine = StandIn(model, one_row_packing_only)
+    with pytest.raises(ModelError, match="does not keep packed sequences apart.*set data.packing=false"):
+        recipe._check_packing()
