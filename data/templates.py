@@ -12,6 +12,7 @@ Every assistant reply ends with the EOS token, so the model learns to stop.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,9 @@ class PromptFormatter:
             if "{content}" not in text:
                 raise DataError(f"data.template.{key} must contain '{{content}}', got {text!r}")
         self.tokenizer = tokenizer
+        # Pieces repeat (a pair's two replies share the prompt; template strings recur in every
+        # conversation): the built-in reward data's 160k pieces are 51k distinct texts.
+        self._cached_ids = functools.lru_cache(maxsize=1 << 16)(self._tokenize)
         self.use_chat_template = has_template and chat_template != "never"
         self.strings = {"system": system, "user": user, "assistant": assistant}
         if tokenizer.eos_token_id is None:
@@ -98,8 +102,11 @@ class PromptFormatter:
 
     # ------------------------------------------------------------------ ids
 
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(self._cached_ids(text))  # a fresh list: callers append the EOS
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the prompt for the next assistant reply: [P]."""
