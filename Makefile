@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# pytest-xdist workers for `make test` (auto: one per core; each test's stages get an equal share
+# of the cores). 0 runs the tests one at a time in one process.
+TEST_WORKERS ?= auto
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint format clean
@@ -21,16 +24,16 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -q --no-build-isolation -e ".[dev]"
 	@touch $(STAMP)
 
-# The whole pipeline on the built-in task (about 8.5 minutes on 2 CPU cores); re-running skips what is done.
+# The whole pipeline on the built-in task (about 10 minutes on 2 CPU cores); re-running skips what is done.
 demo: install
 	$(VENV)/bin/rlhf pipeline
 	@echo "report: outputs/pipeline/builtin/report.md (self-contained: report.html; figures: report.json)"
 
 test: install
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# Cores for one test: all of them, or an equal share under pytest-xdist (`make test` runs a worker
+# per core, so tests never ask for more threads than there are cores).
+CORES_PER_TEST = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(CORES_PER_TEST)  # tests that run models in the pytest process itself
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, files with `slow` tests first: the longest file should not start last
+    and leave the other workers idle at the end (the reward e2e file alone takes ~7 minutes)."""
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+        slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept otherwise
 
 
 @pytest.fixture
@@ -40,8 +57,8 @@ def run_stage(
 ):
     """Run `python -m module overrides...` (or under a launcher) from the project root."""
     cmd = [*launcher, module] if launcher else [sys.executable, "-m", module]
-    # one process may use every core (tests run one at a time); launched ranks share them
-    threads = 1 if launcher else (os.cpu_count() or 1)
+    # one process may use this test's cores; launched ranks keep one thread each
+    threads = 1 if launcher else CORES_PER_TEST
     proc = subprocess.run(
         [*cmd, *overrides], cwd=ROOT, env=stage_env(threads), capture_output=True, text=True, timeout=timeout
     )

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from core import pipeline
 from core.deepspeed import ConfigError
-from tests.conftest import ROOT, read_metrics, run_stage, stage_env
+from tests.conftest import CORES_PER_TEST, ROOT, read_metrics, run_stage, stage_env
 
 SHORT = (
     "sft.experiment=quick", "sft.data.builtin.num_prompts=400", "sft.train.max_steps=6",
@@ -188,7 +188,7 @@ def test_a_killed_stage_resumes(copy_of):
     shutil.rmtree(run / "ppo")  # so the checkpoints waited for below are the new run's
     args = [sys.executable, "-m", "core.pipeline", *SHORT, f"hydra.run.dir={run}", "ppo.train.max_steps=8",
             "ppo.train.save_every=2"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, env=stage_env(os.cpu_count() or 1), start_new_session=True,
+    proc = subprocess.Popen(args, cwd=ROOT, env=stage_env(CORES_PER_TEST), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     latest = run / "ppo" / "checkpoints" / "latest"
     deadline = time.time() + 300
