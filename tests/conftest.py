@@ -25,7 +25,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist, files with `slow` tests first: the longest file should not start last
-    and leave the other workers idle at the end (the reward e2e file alone takes ~7 minutes)."""
+    and leave the other workers idle at the end (the reward e2e file alone takes ~7 minutes).
+    `make test` passes --no-loadscope-reorder so that xdist keeps this order."""
     if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
         slow_files = {item.path for item in items if item.get_closest_marker("slow")}
         items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept otherwise
