@@ -4,9 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-# pytest-xdist workers for `make test` (auto: one per core; each test's stages get an equal share
-# of the cores). 0 runs the tests one at a time in one process.
+# pytest-xdist workers for `make test` (auto: one per core, at most 4, so a large GPU node does not
+# start dozens of stage processes on one GPU; each test's stages get an equal share of the cores).
+# 0 runs the tests one at a time in one process.
 TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint format clean
@@ -30,10 +32,10 @@ demo: install
 	@echo "report: outputs/pipeline/builtin/report.md (self-contained: report.html; figures: report.json)"
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
+	$(PYTEST) --durations=20 tests
 
 test-fast: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -12,9 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# Cores for one test: all of them, or an equal share under pytest-xdist (`make test` runs a worker
-# per core, so tests never ask for more threads than there are cores).
-CORES_PER_TEST = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# Cores for one test: all this process may use, or an equal share under pytest-xdist (`make test`
+# runs a worker per core), so tests never ask for more threads than there are cores.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+CORES_PER_TEST = max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def pytest_configure(config):
