@@ -107,10 +107,10 @@ def sample(
 # Packed rows are the padded width or twice it, whichever holds the sequences in fewer token slots:
 # sequences are often over half the padded width (built-in task: 30 real tokens of 45), so rows of that
 # width would hold one each. Wider rows cost attention over their whole width (a block-diagonal mask),
-# so a micro-batch stays padded unless packing saves at least
-# MIN_SAVING of the slots. Measured PPO step, built-in task (a third padding): unpacked 0.87 s; rows of
-# 1x 0.87 s, 1.5x 0.80 s, 2x 0.73 s, 3x 0.74 s, 4x 0.81 s. The `bench` workloads (4 % padding) gain
-# no slots from 2x rows and were 6 % slower with them (0.94 s vs 0.89 s), so they stay padded.
+# so a micro-batch stays padded unless packing saves at least MIN_SAVING of the slots. Measured PPO
+# step, built-in task (a third padding): unpacked 0.87 s; rows of 1x 0.87 s, 1.5x 0.80 s, 2x 0.73 s,
+# 3x 0.74 s, 4x 0.81 s. The `bench` workloads (4 % padding) gain no slots from 2x rows and were 6 %
+# slower with them (0.94 s vs 0.89 s), so they stay padded.
 ROW_WIDTH_FACTORS = (1, 2)
 MIN_SAVING = 0.1
 
@@ -123,8 +123,8 @@ class Sequences:
     packed:    None for padded rows; with data.packing, each sequence's valid tokens laid end to end
                in rows of 1 or 2 x (P + A) (`data.collate.pack_sequences`: position ids restart per
                sequence, so attention stays within it), outputs read back at flat positions. The same
-               numbers (up to rounding) without compute on padding (a third of the tokens on the built-in task). A
-               micro-batch with little padding stays padded (see ROW_WIDTH_FACTORS).
+               numbers (up to rounding) without compute on padding (a third of the tokens on the
+               built-in task). A micro-batch with little padding stays padded (see ROW_WIDTH_FACTORS).
     """
 
     ids: torch.Tensor
