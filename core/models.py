@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from core.config import plain  # noqa: E402
+from data.collate import pack_pairs
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +200,34 @@ def token_scores(
     `model` is the callable (a DeepSpeed engine or the module), `head` its `score` layer. The
     head sees the final (normed) hidden state, exactly what transformers' own pooling sees.
     Padded rows give `attention_mask` [B, T] (True = valid); packed rows give `position_ids`
-    [B, T] only (restarting at each sequence, see data.collate.pack_sequences).
+    [B, T] only (restarting at each sequence, see data.collate.pack_sequences), or with pairs
+    packed by data.collate.pack_pairs also their 4-D mask [B, 1, T, T] (True = may attend).
     """
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if position_ids is None:
+            raise ValueError("token_scores with a 4-D attention_mask needs position_ids")
+        attention_mask = additive_mask(model, attention_mask)
+    elif attention_mask is not None:
         position_ids = positions_from_mask(attention_mask)
     elif position_ids is None:
         raise ValueError("token_scores needs attention_mask (padded rows) or position_ids (packed rows)")
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, use_cache=False)  # fmt: skip
     return head(out.hidden_states[-1]).squeeze(-1).float()  # [B, T]
+
+
+def additive_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A bool 4-D mask (True = may attend) as the float one transformers adds to attention scores.
+
+    transformers passes a 4-D mask on as it is: sdpa would take a bool one, but eager attention adds
+    the mask to the scores, so only 0 / dtype-min in the model's compute dtype serves both.
+    """
+    module = getattr(model, "module", model)
+    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(dtype).min
+    )
 
 
 @torch.no_grad()
@@ -231,6 +251,32 @@ def packing_error(model, first: list[int], second: list[int], device: torch.devi
     a = alone.hidden_states[-1][0].float()
     p = packed.hidden_states[-1][0, len(first) :].float()
     return ((p - a).norm() / a.norm().clamp(min=1e-12)).item()
+
+
+@torch.no_grad()
+def pair_packing_error(model, pairs: list[tuple[list[int], list[int]]], device: torch.device) -> float:
+    """How far each sequence's final hidden state at its end moves when `pairs` share one row.
+
+    The row is laid out by `data.collate.pack_pairs` (each pair's common start once, under its 4-D
+    mask), with padding after, and sent as a batch of two rows like `packing_error`. Relative
+    difference to each sequence run alone: rounding-level when the model applies the mask as given.
+    """
+    rows = pack_pairs(pairs, sum(len(a) + len(b) for a, b in pairs), pad_id=0)  # one row
+    mask = additive_mask(model, rows.attention_mask.repeat(2, 1, 1, 1).to(device))  # [2, 1, W, W]
+    packed = model(input_ids=rows.input_ids.repeat(2, 1).to(device), attention_mask=mask,
+                   position_ids=rows.position_ids.repeat(2, 1).to(device), output_hidden_states=True, use_cache=False)  # fmt: skip
+    hidden = packed.hidden_states[-1][0].float()  # [W, d]; row 0, so flat ends are columns
+    ends = hidden[rows.ends.to(device)]  # [2N, d]
+    seqs = [a for a, _ in pairs] + [b for _, b in pairs]
+    alone = []
+    for s in seqs:
+        ids = torch.tensor([s], device=device)
+        out = model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
+        )
+        alone.append(out.hidden_states[-1][0, -1].float())
+    alone = torch.stack(alone)  # [2N, d]
+    return ((ends - alone).norm() / alone.norm().clamp(min=1e-12)).item()
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -285,6 +331,40 @@ def check_packing(
             f"embeddings applied to its last hidden state (relative difference {head:.2g}; logit "
             "soft-capping or scaling?): set data.packing=false"
         )
+
+
+def check_pair_packing(model, pairs: list[tuple[list[int], list[int]]], device: torch.device) -> None:
+    """Stop before training if `model` cannot score rows of pairs (the reward stage's data.packing=true).
+
+    It must take position ids and a 4-D attention mask and apply the mask as given
+    (`pair_packing_error` at rounding level). Call it without dropout (eval mode).
+    """
+    name = type(getattr(model, "module", model)).__name__
+    try:
+        error = pair_packing_error(model, pairs, device)
+    except (TypeError, ValueError, RuntimeError) as e:  # no position_ids, or a mask it cannot take
+        raise ModelError(f"data.packing=true packs each pair with its prompt once under a 4-D attention mask "
+                         f"and position ids, which {name} does not take ({e}): set data.packing=false") from e  # fmt: skip
+    if error > 0.05:
+        raise ModelError(
+            f"data.packing=true, but {name} does not keep packed sequences apart under a 4-D attention mask "
+            f"(a reply's final hidden state moves by {error:.2f} relative when it shares its prompt with the "
+            "other reply of its pair, after another pair; FlashAttention-2 takes no such mask): "
+            "set data.packing=false or model.attn_implementation=sdpa"
+        )
+
+
+def forward_flops(model) -> tuple[float, float]:
+    """Forward FLOPs per token: (in the weights, per position the token attends).
+
+    The usual estimate (Kaplan et al. 2020, table 1, with both attention matmuls counted): 2 x the
+    non-embedding parameters, and 4 x layers x hidden size for each attended position (the query-key
+    product and the weighted sum of values). Backward is about twice both, so ratios hold for training.
+    """
+    module = getattr(model, "module", model)
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 (ZeRO-3 empties partitioned params)
+    weights = sum(numel(p) for p in module.parameters()) - numel(module.get_input_embeddings().weight)
+    return 2.0 * weights, 4.0 * module.config.num_hidden_layers * module.config.hidden_size
 
 
 def score_head(model: torch.nn.Module) -> torch.nn.Module:

@@ -88,15 +88,18 @@ def pack(examples: Sequence[Encoded], max_len: int) -> list[Packed]:
 class PackedSequences:
     """Sequences laid end to end in rows, for a padding-free forward (no labels: scoring).
 
-    input_ids:    [R, W] (pad_id after each row's last sequence)
-    position_ids: [R, W] restarting at 0 at every sequence (and for the padding, its own segment),
-                  so transformers attends only within a sequence (block-diagonal causal mask)
-    ends:         [N] flat index (row * W + column) of each sequence's last token, in input order
+    input_ids:      [R, W] (pad_id after each row's last sequence)
+    position_ids:   [R, W] restarting at 0 at every sequence (and for the padding, its own segment),
+                    so transformers attends only within a sequence (block-diagonal causal mask)
+    ends:           [N] flat index (row * W + column) of each sequence's last token, in input order
+    attention_mask: None (`pack_sequences`: the mask follows from the positions), or [R, 1, W, W]
+                    bool for `pack_pairs`: True = the query token (dim 2) may attend the key (dim 3)
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     ends: torch.Tensor
+    attention_mask: torch.Tensor | None = None
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Each sequence's value at its last token: values [R, W] -> [N]."""
@@ -120,6 +123,79 @@ def pack_sequences(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> Pa
             ends[i] = r * width + col - 1
         positions[r, col:] = torch.arange(width - col)
     return PackedSequences(ids, positions, ends)
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common start of `a` and `b`, leaving each at least its last token of its own."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@dataclass
+class _Segment:
+    """Tokens that attend only to each other in a packed row: one sequence, or a pair sharing its start."""
+
+    ids: list[int]
+    positions: list[int]
+    parts: list[int]  # 0: common start or a lone sequence; 1: first's rest; 2: second's rest
+    ends: list[tuple[int, int]]  # (index among the packed sequences' ends, offset in the segment)
+
+
+def _pair_segments(i: int, n: int, a: Sequence[int], b: Sequence[int], width: int) -> list[_Segment]:
+    """Pair i of n as one segment [start | rest of a | rest of b], or as two when that is wider than `width`."""
+    p = shared_prefix(a, b)
+    if len(a) + len(b) - p > width:
+        return [_Segment(list(a), list(range(len(a))), [0] * len(a), [(i, len(a) - 1)]),
+                _Segment(list(b), list(range(len(b))), [0] * len(b), [(n + i, len(b) - 1)])]  # fmt: skip
+    rest = len(b) - p
+    return [
+        _Segment(
+            [*a, *b[p:]],
+            [*range(len(a)), *range(p, len(b))],  # the second's rest continues from the start
+            [0] * p + [1] * (len(a) - p) + [2] * rest,
+            [(i, len(a) - 1), (n + i, len(a) + rest - 1)],
+        )
+    ]
+
+
+def pack_pairs(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, pad_id: int
+) -> PackedSequences:
+    """Pairs of sequences with a common start (a prompt and two replies), the start computed once.
+
+    Each pair is one segment [start | rest of first | rest of second] (or, when that is wider than
+    `width`, its two sequences apart), first-fit into rows of `width` (wider if one sequence is
+    longer). The second's positions continue from the start, and the mask lets a token see the
+    earlier tokens of its own segment except the second's tokens the first's rest, so each
+    sequence's hidden states are those it has alone, with fewer tokens to compute (a reward pair's
+    prompt once instead of twice). ends: [2N], every first, then every second, in input order.
+    The model must take a 4-D mask (`core.models.check_pair_packing`).
+    """
+    segments = [seg for i, (a, b) in enumerate(pairs) for seg in _pair_segments(i, len(pairs), a, b, width)]
+    groups = first_fit([len(seg.ids) for seg in segments], width)
+    width = max(width, max(len(seg.ids) for seg in segments))
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    segment = torch.full((len(groups), width), -1, dtype=torch.long)  # -1 = padding
+    part = torch.zeros((len(groups), width), dtype=torch.long)
+    ends = torch.empty(2 * len(pairs), dtype=torch.long)
+    for r, members in enumerate(groups):
+        col = 0
+        for k in members:
+            seg, span = segments[k], slice(col, col + len(segments[k].ids))
+            ids[r, span], positions[r, span] = torch.tensor(seg.ids), torch.tensor(seg.positions)
+            segment[r, span], part[r, span] = k, torch.tensor(seg.parts)
+            for index, offset in seg.ends:
+                ends[index] = r * width + col + offset
+            col += len(seg.ids)
+        positions[r, col:] = torch.arange(width - col)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [W, W]
+    same = segment[:, :, None] == segment[:, None, :]  # [R, W, W]; the padding is one segment of its own
+    second_to_first = (part[:, :, None] == 2) & (part[:, None, :] == 1)
+    mask = causal & same & ~second_to_first  # [R, W, W]
+    return PackedSequences(ids, positions, ends, mask[:, None])
 
 
 def collate(examples: Sequence[Encoded | Packed], pad_id: int) -> Batch:

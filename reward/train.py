@@ -5,10 +5,12 @@ initialised from an SFT export when `model.name_or_path` points at one. Its scor
 (prompt, reply) is the head's value at the last real token, the EOS that ends the reply, read
 from the attention mask so left or right padding and pad == EOS tokenizers all score the same.
 
-With `data.packing` (the default here) each micro-batch's sequences are laid end to end in rows
-of `data.max_len` tokens instead of padded to the longest: the same pairs and the same loss, with
-fewer padded tokens to compute. Positions restart at every sequence, so each is scored as if
-alone; setup checks that the model honours this before training.
+With `data.packing` (the default here) each micro-batch's pairs are laid end to end in rows of
+2 x `data.max_len` tokens instead of padded to the longest, and a pair's two sequences share
+their prompt: [prompt | chosen reply | rejected reply], the rejected reply's positions continuing
+from the prompt and a 4-D mask hiding the chosen reply from it (`data.collate.pack_pairs`). The
+same pairs and the same loss, with no padding and each prompt computed once; every sequence is
+scored as if alone, which setup checks on the model before training.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from core import deepspeed as ds
 from core.logging import MetricsLogger
 from data import imdb
 from data.builtin import task
-from data.collate import GlobalBatches, pack_sequences
+from data.collate import GlobalBatches, PackedSequences, pack_pairs
 from data.formats import Conversation, Message, PreferencePair, load_preferences, split_train_eval
 from data.templates import PromptFormatter
 from reward.loss import accuracy, centering_penalty, preference_loss
@@ -88,6 +90,7 @@ class RewardRecipe:
         self.head = models.score_head(self.engine.module)
         if cfg.data.packing:
             self._check_packing()
+            self.flops = models.forward_flops(self.engine)  # (per token, per attended position)
         config = OmegaConf.to_container(cfg, resolve=True)
         self.logger = MetricsLogger.from_group(
             self.run_dir, cfg.logger, config, cfg.train.max_steps, job_type="reward"
@@ -165,10 +168,10 @@ class RewardRecipe:
         return ids
 
     def _check_packing(self) -> None:
-        """Fail before training if the model lets packed sequences attend to each other."""
-        p = self.train_set[0]
-        self.engine.eval()  # no dropout: the two forwards must be comparable
-        models.check_packing(self.engine, p.chosen, p.rejected, self.device)
+        """Fail before training if the model does not score packed pairs as it scores them alone."""
+        pairs = [(p.chosen, p.rejected) for p in self.train_set[:2]]
+        self.engine.eval()  # no dropout: the forwards must be comparable
+        models.check_pair_packing(self.engine, pairs, self.device)
         self.engine.train()
 
     # ------------------------------------------------------------------ train
@@ -177,11 +180,11 @@ class RewardRecipe:
         """(chosen [B], rejected [B], margin [B]) rewards of a micro-batch of pairs."""
         margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=self.device)
         if self.cfg.data.packing:
-            rows = pack_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs],
-                                  self.cfg.data.max_len, self.tokenizer.pad_token_id)  # fmt: skip
+            rows = self._pack(pairs)
             ids, positions = rows.input_ids.to(self.device), rows.position_ids.to(self.device)
-            values = models.token_scores(self.engine, self.head, ids, position_ids=positions)  # [R, W]
-            scores = rows.gather(values)  # [2B]
+            mask = rows.attention_mask.to(self.device)  # [R, 1, W, W]
+            values = models.token_scores(self.engine, self.head, ids, mask, positions)  # [R, W]
+            scores = rows.gather(values)  # [2B]: chosen then rejected
         else:
             ids, mask, _ = collate_pairs(pairs, self.tokenizer.pad_token_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
@@ -189,6 +192,24 @@ class RewardRecipe:
             scores = values.gather(1, models.last_index(mask)[:, None]).squeeze(1)  # [2B]
         chosen, rejected = scores.chunk(2)
         return chosen, rejected, margin
+
+    def _pack(self, pairs: list[EncodedPair]) -> PackedSequences:
+        """The pairs in rows of max_len or 2 x max_len tokens, whichever costs the model fewer FLOPs.
+
+        Wider rows let more pairs share their prompt (fewer tokens), but under the 4-D mask every token
+        attends over the whole row: R rows of width W cost R x W x (per token + W x per position).
+        """
+        per_token, per_position = self.flops
+
+        def cost(rows: PackedSequences) -> float:
+            n_rows, width = rows.input_ids.shape
+            return n_rows * width * (per_token + width * per_position)
+
+        seqs = [(p.chosen, p.rejected) for p in pairs]
+        return min(
+            (pack_pairs(seqs, f * self.cfg.data.max_len, self.tokenizer.pad_token_id) for f in (1, 2)),
+            key=cost,
+        )
 
     def train(self) -> None:
         t, center = self.cfg.train, self.cfg.loss.center_coef

@@ -80,3 +80,16 @@ def test_disable_dropout_sets_every_dropout_to_zero():
     model.train()
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_forward_flops_counts_the_layers_and_attention_of_the_config():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from core.models import forward_flops
+
+    d, ff, layers, kv = 32, 64, 3, 16  # 4 heads of 8, 2 key-value heads
+    config = LlamaConfig(vocab_size=50, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1)  # fmt: skip
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o; k, v; the MLP; two norms
+    weights = layers * per_layer + d + d  # the final norm and the score head; embeddings excluded
+    assert forward_flops(LlamaForSequenceClassification(config)) == (2.0 * weights, 4.0 * layers * d)

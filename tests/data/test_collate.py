@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.collate import GlobalBatches, collate, pack, pack_sequences
+from data.collate import GlobalBatches, collate, pack, pack_pairs, pack_sequences, shared_prefix
 from data.templates import IGNORE_INDEX, Encoded
 
 
@@ -71,3 +71,36 @@ def test_pack_sequences_gives_a_longer_sequence_its_own_wider_row():
     rows = pack_sequences([[1, 2], [3, 4, 5, 6, 7], [8]], width=3, pad_id=0)
     assert rows.input_ids.tolist() == [[3, 4, 5, 6, 7], [1, 2, 8, 0, 0]]
     assert rows.ends.tolist() == [6, 4, 7]
+
+
+def test_shared_prefix_leaves_each_sequence_its_last_token():
+    assert shared_prefix([1, 5, 6, 2], [1, 5, 9, 2]) == 2
+    assert shared_prefix([1, 5, 2], [1, 5, 2]) == 2  # equal: each keeps its end
+    assert shared_prefix([1, 5], [1, 5, 6, 2]) == 1  # one a start of the other
+    assert shared_prefix([7, 5, 2], [1, 5, 2]) == 0
+
+
+def test_pack_pairs_layout_positions_mask_and_ends():
+    # pair 0: prompt [1 5], replies [6 2] and [9 9 2]; pair 1: prompt [1 8], replies [2] and [3 2]
+    rows = pack_pairs([([1, 5, 6, 2], [1, 5, 9, 9, 2]), ([1, 8, 2], [1, 8, 3, 2])], width=9, pad_id=0)
+    assert rows.input_ids.tolist() == [[1, 5, 6, 2, 9, 9, 2, 0, 0], [1, 8, 2, 3, 2, 0, 0, 0, 0]]
+    # the second reply's positions continue from the prompt; padding restarts at 0
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1], [0, 1, 2, 2, 3, 0, 1, 2, 3]]
+    assert rows.ends.tolist() == [3, 11, 6, 13]  # firsts then seconds, flat (row * 9 + column)
+    mask = rows.attention_mask[0, 0].int().tolist()  # [W, W] of row 0: query rows, key columns
+    assert mask[3] == [1, 1, 1, 1, 0, 0, 0, 0, 0]  # first reply's end: its prompt and reply
+    assert mask[6] == [1, 1, 0, 0, 1, 1, 1, 0, 0]  # second reply's end: the prompt, not the first reply
+    assert mask[8] == [0, 0, 0, 0, 0, 0, 0, 1, 1]  # padding attends only padding (never empty)
+    assert not rows.attention_mask[:, 0, :7, 7:].any()  # no real token attends padding
+    assert rows.attention_mask.shape == (2, 1, 9, 9)
+
+
+def test_pack_pairs_lays_a_pair_wider_than_the_row_out_as_two_sequences():
+    rows = pack_pairs([([1, 5, 6, 2], [1, 5, 9, 9, 2]), ([1, 8, 2], [1, 8, 3, 2])], width=6, pad_id=0)
+    # pair 0 shared would take 7 > 6 tokens: its sequences go apart, positions from 0; pair 1 shares
+    assert rows.input_ids.tolist() == [[1, 5, 9, 9, 2, 0], [1, 8, 2, 3, 2, 0], [1, 5, 6, 2, 0, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 2, 3, 0], [0, 1, 2, 3, 0, 1]]
+    assert rows.ends.tolist() == [15, 8, 4, 10]
+    lone = torch.ones(6, 6, dtype=torch.bool).tril()
+    lone[5, :5] = False  # the padding after it attends only itself
+    assert rows.attention_mask[0, 0].tolist() == lone.tolist()

@@ -2,17 +2,22 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 from core.models import ModelError, last_index, packing_error, score_head, token_scores
-from data.collate import pack_sequences
+from data.collate import pack_pairs, pack_sequences
 from reward.train import EncodedPair, RewardRecipe, collate_pairs
 
 
-def tiny_scorer(pad_id: int):
+def tiny_scorer(pad_id: int, attn: str = "sdpa"):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_labels=1, pad_token_id=pad_id)  # fmt: skip
+                         num_labels=1, pad_token_id=pad_id, attn_implementation=attn)  # fmt: skip
     return LlamaForSequenceClassification(config).eval()
 
 
@@ -79,7 +84,16 @@ def packed_scores(model, pairs, pad_id, width):
     return rows.gather(values), rows
 
 
-def test_packed_pairs_give_each_sequence_its_unpadded_score():
+def pair_scores(model, pairs, pad_id, width):
+    rows = pack_pairs([(p.chosen, p.rejected) for p in pairs], width, pad_id)
+    with torch.no_grad():
+        values = token_scores(
+            model, score_head(model), rows.input_ids, rows.attention_mask, rows.position_ids
+        )
+    return rows.gather(values), rows
+
+
+def test_packed_sequences_give_each_sequence_its_unpadded_score():
     model = tiny_scorer(pad_id=EOS)  # pad == EOS as well: the ends come from the layout, not the ids
     expected = [unpadded_end_score(model, p.chosen) for p in PAIRS] + [
         unpadded_end_score(model, p.rejected) for p in PAIRS
@@ -88,6 +102,24 @@ def test_packed_pairs_give_each_sequence_its_unpadded_score():
         got, rows = packed_scores(model, PAIRS, EOS, width)
         assert rows.input_ids.shape[0] == {7: 3, 10: 2, 64: 1}[width]
         torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pairs_packed_with_their_prompt_once_give_each_sequence_its_unpadded_score(attn):
+    model = tiny_scorer(pad_id=EOS, attn=attn)  # eager adds the mask to the scores: it must be a float one
+    pairs = [*PAIRS, EncodedPair([1, 3, 4, EOS], [1, 3, 4, EOS], 0.0)]  # equal replies: each keeps its EOS
+    expected = [unpadded_end_score(model, p.chosen) for p in pairs] + [
+        unpadded_end_score(model, p.rejected) for p in pairs
+    ]
+    # segments of 7 (prompt [1 5] once), 8 ([1 8]) and 5 ([1 3 4]): rows [8] [7] [5]; [8 7] [5]; one row;
+    # and at width 7, the second pair apart as sequences of 3 and 7: [7] [7] [5] [3]
+    for width, n_rows in ((7, 4), (8, 3), (16, 2), (64, 1)):
+        got, rows = pair_scores(model, pairs, EOS, width)
+        assert rows.input_ids.shape[0] == n_rows
+        torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    # the same loss as padded pairs: what packing changes is only the compute
+    padded, _, _ = scores(model, pairs, EOS, "right")
+    torch.testing.assert_close(got, padded, atol=1e-5, rtol=1e-5)
 
 
 def test_packing_error_tells_a_model_that_keeps_sequences_apart_from_one_that_does_not():
@@ -116,7 +148,7 @@ class StandIn(torch.nn.Module):
 def test_reward_setup_refuses_packing_for_models_that_cannot_keep_sequences_apart():
     model = tiny_scorer(pad_id=0)
 
-    def ignores_positions(position_ids=None, **kwargs):
+    def ignores_the_mask(attention_mask=None, **kwargs):  # apart only where positions restart
         return model(**kwargs)
 
     def without_positions(input_ids, attention_mask=None, output_hidden_states=False, use_cache=False):
@@ -128,16 +160,27 @@ def test_reward_setup_refuses_packing_for_models_that_cannot_keep_sequences_apar
     recipe.device, recipe.train_set = torch.device("cpu"), PAIRS
     recipe.engine = StandIn(model, model)
     recipe._check_packing()  # the real model passes
-    recipe.engine = StandIn(model, ignores_positions)
+    recipe.engine = StandIn(model, ignores_the_mask)
+    with pytest.raises(ModelError, match="does not keep packed sequences apart.*set data.packing=false"):
+        recipe._check_packing()
+    # Wrong positions move a rotary model's states only by the rejected reply's offset (0.001 to 0.004
+    # relative in these random models, within bf16 rounding); learned absolute positions show it.
+    absolute = GPT2ForSequenceClassification(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, num_labels=1,
+                                                        pad_token_id=0, bos_token_id=1, eos_token_id=EOS)).eval()  # fmt: skip
+    recipe.engine = StandIn(absolute, absolute)
+    recipe._check_packing()
+    recipe.engine = StandIn(absolute, lambda position_ids=None, **kwargs: absolute(**kwargs))
     with pytest.raises(ModelError, match="does not keep packed sequences apart.*set data.packing=false"):
         recipe._check_packing()
     recipe.engine = StandIn(model, without_positions)
-    with pytest.raises(ModelError, match="needs position_ids.*set data.packing=false"):
+    with pytest.raises(
+        ModelError, match="which LlamaForSequenceClassification does not take.*set data.packing=false"
+    ):
         recipe._check_packing()
 
     def one_row_packing_only(input_ids, position_ids=None, **kwargs):
-        """Like transformers' FlashAttention-2: positions restart, but a batch of rows attends causally
-        over each whole row (its variable-length path only reads packing from a batch of one)."""
+        """Like transformers' FlashAttention-2: no 4-D mask, and a batch of rows attends causally over
+        each whole row (its variable-length path only reads packing from a batch of one)."""
         if len(input_ids) > 1 and position_ids is not None:
             kwargs["attention_mask"] = torch.ones_like(input_ids)
         return model(input_ids=input_ids, position_ids=position_ids, **kwargs)
