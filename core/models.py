@@ -263,8 +263,9 @@ def pair_packing_error(model, pairs: list[tuple[list[int], list[int]]], device: 
     """
     rows = pack_pairs(pairs, sum(len(a) + len(b) for a, b in pairs), pad_id=0)  # one row
     mask = additive_mask(model, rows.attention_mask.repeat(2, 1, 1, 1).to(device))  # [2, 1, W, W]
-    packed = model(input_ids=rows.input_ids.repeat(2, 1).to(device), attention_mask=mask,
-                   position_ids=rows.position_ids.repeat(2, 1).to(device), output_hidden_states=True, use_cache=False)  # fmt: skip
+    ids, positions = rows.input_ids.repeat(2, 1).to(device), rows.position_ids.repeat(2, 1).to(device)
+    packed = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   output_hidden_states=True, use_cache=False)  # fmt: skip
     hidden = packed.hidden_states[-1][0].float()  # [W, d]; row 0, so flat ends are columns
     ends = hidden[rows.ends.to(device)]  # [2N, d]
     seqs = [a for a, _ in pairs] + [b for _, b in pairs]

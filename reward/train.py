@@ -6,11 +6,12 @@ initialised from an SFT export when `model.name_or_path` points at one. Its scor
 from the attention mask so left or right padding and pad == EOS tokenizers all score the same.
 
 With `data.packing` (the default here) each micro-batch's pairs are laid end to end in rows of
-2 x `data.max_len` tokens instead of padded to the longest, and a pair's two sequences share
-their prompt: [prompt | chosen reply | rejected reply], the rejected reply's positions continuing
-from the prompt and a 4-D mask hiding the chosen reply from it (`data.collate.pack_pairs`). The
-same pairs and the same loss, with no padding and each prompt computed once; every sequence is
-scored as if alone, which setup checks on the model before training.
+`data.max_len` or twice that (whichever costs the model fewer FLOPs) instead of padded to the
+longest, and a pair's two sequences share their prompt: [prompt | chosen reply | rejected reply],
+the rejected reply's positions continuing from the prompt and a 4-D mask hiding the chosen reply
+from it (`data.collate.pack_pairs`). The same pairs and the same loss, with no padding and each
+prompt computed once; every sequence is scored as if alone, which setup checks on the model
+before training.
 """
 
 from __future__ import annotations
