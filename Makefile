@@ -15,15 +15,18 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Re-run only when the dependency list changes; torch and deepspeed are kept when present
+# Re-run only when the dependency list (or this file) changes; torch and deepspeed are kept when present
 # (a GPU machine keeps its own CUDA torch build).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"
 	@$(PIP) install -q numpy setuptools wheel packaging ninja
 	@# DeepSpeed's sdist imports torch in setup.py, so it must see the installed torch.
 	@$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation deepspeed
 	@$(PIP) install -q --no-build-isolation -e ".[dev]"
+	@# DeepSpeed JIT-builds its shared-memory comm op for the CPU accelerator at the first
+	@# init_distributed (about 30 s, cached after); build it here instead of in the first run.
+	@$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	@touch $(STAMP)
 
 # The whole pipeline on the built-in task (about 10 minutes on 2 CPU cores); re-running skips what is done.
