@@ -261,8 +261,8 @@ def pair_packing_error(model, pairs: list[tuple[list[int], list[int]]], device: 
     mask), with padding after, and sent as a batch of two rows like `packing_error`. Relative
     difference to each sequence run alone: rounding-level when the model applies the mask as given.
     """
-    rows = pack_pairs(pairs, sum(len(a) + len(b) for a, b in pairs), pad_id=0)  # one row
-    mask = additive_mask(model, rows.attention_mask.repeat(2, 1, 1, 1).to(device))  # [2, 1, W, W]
+    rows = pack_pairs(pairs, sum(len(a) + len(b) for a, b in pairs), pad_id=0, device=device)  # one row
+    mask = additive_mask(model, rows.attention_mask.repeat(2, 1, 1, 1))  # [2, 1, W, W]
     ids, positions = rows.input_ids.repeat(2, 1).to(device), rows.position_ids.repeat(2, 1).to(device)
     packed = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                    output_hidden_states=True, use_cache=False)  # fmt: skip

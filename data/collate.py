@@ -160,38 +160,66 @@ def _pair_segments(i: int, n: int, a: Sequence[int], b: Sequence[int], width: in
     ]
 
 
-def pack_pairs(
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, pad_id: int
-) -> PackedSequences:
-    """Pairs of sequences with a common start (a prompt and two replies), the start computed once.
+@dataclass
+class PairLayout:
+    """Where a micro-batch's pairs go in packed rows, before any tensor is built (cheap to compare)."""
 
-    Each pair is one segment [start | rest of first | rest of second] (or, when that is wider than
-    `width`, its two sequences apart), first-fit into rows of `width` (wider if one sequence is
-    longer). The second's positions continue from the start, and the mask lets a token see the
-    earlier tokens of its own segment except the second's tokens the first's rest, so each
-    sequence's hidden states are those it has alone, with fewer tokens to compute (a reward pair's
-    prompt once instead of twice). ends: [2N], every first, then every second, in input order.
-    The model must take a 4-D mask (`core.models.check_pair_packing`).
+    segments: list[_Segment]
+    rows: list[list[int]]  # segment indices of each row
+    width: int
+    num_pairs: int
+
+
+def layout_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int) -> PairLayout:
+    """Where pairs go in rows of `width` (wider if one sequence is longer), first fit, longest first.
+
+    A pair is one segment [start | rest of first | rest of second], or its two sequences apart when
+    that segment is wider than `width`.
     """
     segments = [seg for i, (a, b) in enumerate(pairs) for seg in _pair_segments(i, len(pairs), a, b, width)]
-    groups = first_fit([len(seg.ids) for seg in segments], width)
-    width = max(width, max(len(seg.ids) for seg in segments))
-    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(groups), width), dtype=torch.long)
-    segment = torch.full((len(groups), width), -1, dtype=torch.long)  # -1 = padding
-    part = torch.zeros((len(groups), width), dtype=torch.long)
-    ends = torch.empty(2 * len(pairs), dtype=torch.long)
-    for r, members in enumerate(groups):
+    rows = first_fit([len(seg.ids) for seg in segments], width)
+    return PairLayout(segments, rows, max(width, max(len(seg.ids) for seg in segments)), len(pairs))
+
+
+def pack_pairs(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    width: int,
+    pad_id: int,
+    device: torch.device | None = None,
+) -> PackedSequences:
+    """Pairs of sequences with a common start (a prompt and two replies), the start computed once."""
+    return pack_layout(layout_pairs(pairs, width), pad_id, device)
+
+
+def pack_layout(layout: PairLayout, pad_id: int, device: torch.device | None = None) -> PackedSequences:
+    """The rows of a `layout_pairs` layout, with the mask that keeps each sequence as if alone.
+
+    The second's positions continue from the start, and the mask lets a token see the earlier
+    tokens of its own segment except the second's tokens the first's rest, so each sequence's
+    hidden states are those it has alone, with fewer tokens to compute (a reward pair's prompt once
+    instead of twice). ends: [2N], every first, then every second, in input order. The mask
+    [R, 1, W, W] is built on `device` (the model's: no large copy). The model must take a 4-D mask
+    (`core.models.check_pair_packing`).
+    """
+    n_rows, width = len(layout.rows), layout.width
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)  # -1 = padding
+    part = torch.zeros((n_rows, width), dtype=torch.long)
+    ends = torch.empty(2 * layout.num_pairs, dtype=torch.long)
+    for r, members in enumerate(layout.rows):
         col = 0
         for k in members:
-            seg, span = segments[k], slice(col, col + len(segments[k].ids))
+            seg = layout.segments[k]
+            span = slice(col, col + len(seg.ids))
             ids[r, span], positions[r, span] = torch.tensor(seg.ids), torch.tensor(seg.positions)
             segment[r, span], part[r, span] = k, torch.tensor(seg.parts)
             for index, offset in seg.ends:
                 ends[index] = r * width + col + offset
             col += len(seg.ids)
         positions[r, col:] = torch.arange(width - col)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [W, W]
+    segment, part = segment.to(device), part.to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()  # [W, W]
     same = segment[:, :, None] == segment[:, None, :]  # [R, W, W]; the padding is one segment of its own
     second_to_first = (part[:, :, None] == 2) & (part[:, None, :] == 1)
     mask = causal & same & ~second_to_first  # [R, W, W]

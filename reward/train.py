@@ -34,7 +34,7 @@ from core import deepspeed as ds
 from core.logging import MetricsLogger
 from data import imdb
 from data.builtin import task
-from data.collate import GlobalBatches, PackedSequences, pack_pairs
+from data.collate import GlobalBatches, PackedSequences, layout_pairs, pack_layout
 from data.formats import Conversation, Message, PreferencePair, load_preferences, split_train_eval
 from data.templates import PromptFormatter
 from reward.loss import accuracy, centering_penalty, preference_loss
@@ -183,7 +183,7 @@ class RewardRecipe:
         if self.cfg.data.packing:
             rows = self._pack(pairs)
             ids, positions = rows.input_ids.to(self.device), rows.position_ids.to(self.device)
-            mask = rows.attention_mask.to(self.device)  # [R, 1, W, W]
+            mask = rows.attention_mask  # [R, 1, W, W], built on the device
             values = models.token_scores(self.engine, self.head, ids, mask, positions)  # [R, W]
             scores = rows.gather(values)  # [2B]: chosen then rejected
         else:
@@ -199,18 +199,15 @@ class RewardRecipe:
 
         Wider rows let more pairs share their prompt (fewer tokens), but under the 4-D mask every token
         attends over the whole row: R rows of width W cost R x W x (per token + W x per position).
+        Only the chosen layout's tensors are built.
         """
         per_token, per_position = self.flops
-
-        def cost(rows: PackedSequences) -> float:
-            n_rows, width = rows.input_ids.shape
-            return n_rows * width * (per_token + width * per_position)
-
         seqs = [(p.chosen, p.rejected) for p in pairs]
-        return min(
-            (pack_pairs(seqs, f * self.cfg.data.max_len, self.tokenizer.pad_token_id) for f in (1, 2)),
-            key=cost,
+        layouts = [layout_pairs(seqs, f * self.cfg.data.max_len) for f in (1, 2)]
+        best = min(
+            layouts, key=lambda lay: len(lay.rows) * lay.width * (per_token + lay.width * per_position)
         )
+        return pack_layout(best, self.tokenizer.pad_token_id, self.device)
 
     def train(self) -> None:
         t, center = self.cfg.train, self.cfg.loss.center_coef
