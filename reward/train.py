@@ -234,9 +234,10 @@ class RewardRecipe:
                     "train/loss": loss_sum / n,
                     "train/accuracy": acc_sum / n,
                     "train/lr": self.engine.get_lr()[0],
-                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                     "train/epoch": self.step / self.batches.steps_per_epoch,
                 }
+                if (norm := ds.grad_norm(self.engine)) is not None:  # none: fp32 stage 0, no clipping
+                    metrics["train/grad_norm"] = norm
             final = self.step == t.max_steps
             if (t.eval_every and self.step % t.eval_every == 0) or final:
                 metrics |= self.evaluate(final=final)

@@ -150,10 +150,11 @@ class SFTRecipe:
                 metrics |= {
                     "train/loss": total_loss / total_targets,
                     "train/lr": self.engine.get_lr()[0],
-                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                     "train/epoch": self.step / self.batches.steps_per_epoch,
                     "train/target_tokens": total_targets,
                 }
+                if (norm := ds.grad_norm(self.engine)) is not None:  # none: fp32 stage 0, no clipping
+                    metrics["train/grad_norm"] = norm
             if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
                 metrics |= self.evaluate()
             if len(metrics) > 1:

@@ -12,7 +12,7 @@ BASE = dict(stage=2, offload_optimizer=False, offload_param=False, extra={}, mic
 
 def test_global_batch_is_derived_and_checked():
     cfg = build_config(**BASE)
-    assert cfg["train_batch_size"] == 8 and cfg["zero_optimization"]["stage"] == 2
+    assert cfg["train_batch_size"] == 8
     assert build_config(**{**BASE, "global_batch_size": 8})["train_batch_size"] == 8
     with pytest.raises(
         ConfigError, match=r"global_batch_size=16 but micro_batch_size_per_device \(4\) x grad_accum_steps"
@@ -34,9 +34,12 @@ def test_extra_keys_merge_deeply_and_cpu_uses_torch_adamw():
     cfg = build_config(
         **{**BASE, "extra": {"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 5}}
     )
-    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 123}
+    assert cfg["zero_optimization"] == {"stage": 0, "reduce_bucket_size": 123}  # one fp32 rank: stage 0
     assert cfg["steps_per_print"] == 5
     assert cfg["optimizer"]["params"]["torch_adam"] is True  # CPU accelerator, no offload
+    assert cfg["optimizer"]["params"]["fused"] is True  # torch's fused CPU AdamW kernel
+    offload = build_config(**{**BASE, "offload_optimizer": True})["optimizer"]["params"]
+    assert offload["torch_adam"] is False and "fused" not in offload  # DeepSpeedCPUAdam
     assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
 
 
@@ -57,13 +60,22 @@ def test_a_stale_op_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypa
     assert clear_stale_build_locks() == [] and live.exists()
 
 
-def test_a_frozen_zero3_model_on_one_rank_without_offload_runs_unpartitioned():
-    assert [effective_stage(s, 1, frozen=True, offload_param=False) for s in (0, 1, 2, 3)] == [0, 1, 2, 0]
-    assert effective_stage(3, 1, frozen=True, offload_param=True) == 3  # offload: as configured
-    assert effective_stage(3, 2, frozen=True, offload_param=False) == 3  # two ranks: as configured
-    assert effective_stage(3, 1, frozen=False, offload_param=False) == 3  # a trained model: as configured
+def test_a_single_rank_runs_unpartitioned_where_zero_has_nothing_to_partition():
+    def stages(frozen, precision="fp32", offload_optimizer=False, offload_param=False, world=1):
+        return [effective_stage(s, world, frozen=frozen, precision=precision, offload_optimizer=offload_optimizer,
+                                offload_param=offload_param) for s in (0, 1, 2, 3)]  # fmt: skip
+
+    assert stages(frozen=True) == [0, 1, 2, 0]  # frozen: ZeRO-3 only (1 and 2 partition optimizer state)
+    assert stages(frozen=True, offload_param=True) == [0, 1, 2, 3]  # offload: as configured
+    assert stages(frozen=False) == [0, 0, 0, 3]  # trained: ZeRO-3 kept (its code paths on a laptop)
+    assert stages(frozen=False, offload_optimizer=True) == [0, 1, 2, 3]
+    assert stages(frozen=False, precision="bf16") == [0, 1, 2, 3]  # stage 0 would drop the fp32 master weights
+    assert stages(frozen=False, precision="fp16") == [0, 1, 2, 3]
+    assert stages(frozen=True, world=2) == stages(frozen=False, world=2) == [0, 1, 2, 3]  # ranks: as configured
     assert build_config(**{**BASE, "stage": 3, "frozen": True})["zero_optimization"] == {"stage": 0}
     assert build_config(**{**BASE, "stage": 3})["zero_optimization"]["stage"] == 3
+    assert build_config(**BASE)["zero_optimization"] == {"stage": 0}
+    assert build_config(**{**BASE, "offload_optimizer": True})["zero_optimization"]["stage"] == 2
 
 
 def test_a_frozen_zero3_config_turns_deepspeeds_linear_patch_off():

@@ -17,7 +17,7 @@ def test_reward_export_loads_as_sequence_classifier_with_stats(tmp_path):
     run = tmp_path / "rw"
     run_stage("reward", *QUICK, "train.max_steps=30", "data.builtin.num_prompts=600", f"hydra.run.dir={run}")
     rows = read_metrics(run)
-    assert {"train/loss", "train/accuracy"} <= rows[-1].keys()
+    assert {"train/loss", "train/accuracy"} <= rows[-1].keys() and rows[-1]["train/grad_norm"] > 0
     final = rows[-1]
     for key in (
         "eval/accuracy",
