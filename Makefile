@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PIP) install -q --no-build-isolation -e ".[dev]"
 	@# DeepSpeed JIT-builds its shared-memory comm op for the CPU accelerator at the first
 	@# init_distributed (about 30 s, cached after); build it here instead of in the first run.
-	@$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@$(PY) -c "from core.deepspeed import build_cpu_comm_op; build_cpu_comm_op()"
 	@touch $(STAMP)
 
 # The whole pipeline on the built-in task (about 10 minutes on 2 CPU cores); re-running skips what is done.

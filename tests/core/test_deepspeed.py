@@ -3,7 +3,13 @@ import time
 
 import pytest
 
-from core.deepspeed import ConfigError, build_config, clear_stale_build_locks, effective_stage
+from core.deepspeed import (
+    ConfigError,
+    build_config,
+    clear_stale_build_locks,
+    effective_stage,
+    use_environment_op_cache,
+)
 
 BASE = dict(stage=2, offload_optimizer=False, offload_param=False, extra={}, micro_batch_size_per_device=4,
             grad_accum_steps=2, global_batch_size=None, precision="fp32", grad_clip=1.0, lr=1e-3, betas=[0.9, 0.95],
@@ -60,6 +66,23 @@ def test_a_stale_op_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypa
     assert clear_stale_build_locks() == [] and live.exists()
 
 
+def test_ops_build_inside_the_virtual_environment_unless_told_otherwise(tmp_path, monkeypatch):
+    # two environments sharing ~/.cache/torch_extensions rebuilt the CPU comm op at every switch
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr("sys.base_prefix", str(tmp_path / "base"))
+    (tmp_path / "venv").mkdir()
+    use_environment_op_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "venv" / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")  # the user's choice stands
+    use_environment_op_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr("sys.base_prefix", str(tmp_path / "venv"))  # no virtual environment: torch's default
+    use_environment_op_cache()
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
+
+
 def test_a_single_rank_runs_unpartitioned_where_zero_has_nothing_to_partition():
     def stages(frozen, precision="fp32", offload_optimizer=False, offload_param=False, world=1):
         return [effective_stage(s, world, frozen=frozen, precision=precision, offload_optimizer=offload_optimizer,
@@ -69,9 +92,11 @@ def test_a_single_rank_runs_unpartitioned_where_zero_has_nothing_to_partition():
     assert stages(frozen=True, offload_param=True) == [0, 1, 2, 3]  # offload: as configured
     assert stages(frozen=False) == [0, 0, 0, 3]  # trained: ZeRO-3 kept (its code paths on a laptop)
     assert stages(frozen=False, offload_optimizer=True) == [0, 1, 2, 3]
-    assert stages(frozen=False, precision="bf16") == [0, 1, 2, 3]  # stage 0 would drop the fp32 master weights
+    # bf16 / fp16 keep their stage: DeepSpeed's stage 0 would drop the fp32 master weights
+    assert stages(frozen=False, precision="bf16") == [0, 1, 2, 3]
     assert stages(frozen=False, precision="fp16") == [0, 1, 2, 3]
-    assert stages(frozen=True, world=2) == stages(frozen=False, world=2) == [0, 1, 2, 3]  # ranks: as configured
+    # two ranks: as configured
+    assert stages(frozen=True, world=2) == stages(frozen=False, world=2) == [0, 1, 2, 3]
     assert build_config(**{**BASE, "stage": 3, "frozen": True})["zero_optimization"] == {"stage": 0}
     assert build_config(**{**BASE, "stage": 3})["zero_optimization"]["stage"] == 3
     assert build_config(**BASE)["zero_optimization"] == {"stage": 0}
