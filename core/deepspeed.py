@@ -359,6 +359,11 @@ def train_engine(
         lr_scheduler=scheduler,
     )
     _record_stage0_grad_norm(engine)
+    if engine.zero_optimization_stage() == 0 and dist.world_size() == 1:
+        # One rank has no gradients to average, but DeepSpeed's stage-0 path would still flatten them
+        # all into a buffer, all-reduce it over that one rank and copy it back: 29 ms per step for the
+        # 26 M-parameter bench policy, with bitwise the same weights after (checked).
+        engine.enable_backward_allreduce = False
     return engine
 
 

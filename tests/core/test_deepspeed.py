@@ -8,6 +8,8 @@ from core.deepspeed import (
     build_config,
     clear_stale_build_locks,
     effective_stage,
+    grad_norm,
+    train_engine,
     use_environment_op_cache,
 )
 
@@ -101,6 +103,24 @@ def test_a_single_rank_runs_unpartitioned_where_zero_has_nothing_to_partition():
     assert build_config(**{**BASE, "stage": 3})["zero_optimization"]["stage"] == 3
     assert build_config(**BASE)["zero_optimization"] == {"stage": 0}
     assert build_config(**{**BASE, "offload_optimizer": True})["zero_optimization"]["stage"] == 2
+
+
+def test_a_single_fp32_rank_trains_at_stage_0_and_reports_the_gradient_norm():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    cfg = build_config(**{**BASE, "grad_accum_steps": 1, "grad_clip": 0.5})  # ZeRO-2 configured
+    engine = train_engine(model, cfg, weight_decay=0.0, warmup_steps=0, total_steps=10, min_lr_ratio=1.0)
+    assert engine.zero_optimization_stage() == 0
+    assert not engine.enable_backward_allreduce  # nothing to average over one rank
+    ids = torch.randint(0, 32, (4, 8))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    engine.step()
+    assert grad_norm(engine) == pytest.approx(float(expected), rel=1e-5) and float(expected) > 0.5  # pre-clip
 
 
 def test_a_frozen_zero3_config_turns_deepspeeds_linear_patch_off():
