@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PY) -c "from core.deepspeed import build_cpu_comm_op; build_cpu_comm_op()"
 	@touch $(STAMP)
 
-# The whole pipeline on the built-in task (about 10 minutes on 2 CPU cores); re-running skips what is done.
+# The whole pipeline on the built-in task (about 8-9 minutes on 2 CPU cores); re-running skips what is done.
 demo: install
 	$(VENV)/bin/rlhf pipeline
 	@echo "report: outputs/pipeline/builtin/report.md (self-contained: report.html; figures: report.json)"

@@ -2,6 +2,8 @@ import os
 import time
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.deepspeed import (
     ConfigError,
@@ -106,9 +108,6 @@ def test_a_single_rank_runs_unpartitioned_where_zero_has_nothing_to_partition():
 
 
 def test_a_single_fp32_rank_trains_at_stage_0_and_reports_the_gradient_norm():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
