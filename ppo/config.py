@@ -32,6 +32,7 @@ class RolloutConfig:
     top_k: int = MISSING
     stop_at_eos: bool = MISSING
     gather_once: bool = MISSING
+    prepack_weights: bool = MISSING
     micro_batch_size_per_device: int = MISSING
 
 

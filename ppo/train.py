@@ -280,7 +280,11 @@ class PPORecipe:
         prompt_ids, prompt_mask = ro.pad_rows(prompts, self.pad_id, "left", self.device)
         self.actor.eval()
         gather = r.gather_once and self.actor_zero3
-        with ds.gathered_for_generation(self.actor, gather) as module, self._lora_merged(module, gather):
+        with (
+            ds.gathered_for_generation(self.actor, gather) as module,
+            self._lora_merged(module, gather),
+            models.prepacked_linears(module, len(prompts)) if r.prepack_weights else contextlib.nullcontext(),
+        ):
             response, logprobs, entropy = ro.sample(
                 module, prompt_ids, prompt_mask, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
                 temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_id=self.eos_id, pad_id=self.pad_id,

@@ -1,8 +1,16 @@
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from core.models import PAD_TOKEN, ModelError, load_model, load_tokenizer, resolve_precision, train_tokenizer
+from core.models import (
+    PAD_TOKEN,
+    ModelError,
+    load_model,
+    load_tokenizer,
+    prepacked_linears,
+    resolve_precision,
+    train_tokenizer,
+)
 
 
 def test_builtin_tokenizer_keeps_its_own_pad():
@@ -93,3 +101,37 @@ def test_forward_flops_counts_the_layers_and_attention_of_the_config():
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o; k, v; the MLP; two norms
     weights = layers * per_layer + d + d  # the final norm and the score head; embeddings excluded
     assert forward_flops(LlamaForSequenceClassification(config)) == (2.0 * weights, 4.0 * layers * d)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_prepacked_linears_generate_the_same_and_give_the_layers_back():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded prompt
+
+    def greedy():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+
+    with torch.no_grad():
+        plain = greedy()
+        with prepacked_linears(model, rows=len(ids)) as n:
+            assert all("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+            packed = greedy()
+    assert n == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+    assert torch.equal(packed.sequences, plain.sequences)
+    for a, b in zip(packed.logits, plain.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())  # nn.Linear.forward again
+    with pytest.raises(KeyError), prepacked_linears(model, rows=4):
+        raise KeyError("an error inside")
+    assert not any("forward" in vars(m) for m in model.modules())
+    model.lm_head.weight.data = torch.empty(0)  # what ZeRO-3 leaves of a partitioned weight
+    with prepacked_linears(model, rows=4) as n:
+        assert n == 2 * 7 and "forward" not in vars(model.lm_head)
+    with prepacked_linears(model.to(torch.bfloat16), rows=4) as n:
+        assert n == 0  # fp32 only
