@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def run(cmd: list[str], env: dict[str, str]) -> str:
 
 
 def project_median(workload: Path, steps: int, out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: a reused --workdir would mix runs
     run([sys.executable, "-m", "ppo", "experiment=bench", f"bench.workload={workload}", f"bench.steps={steps}",
          f"hydra.run.dir={out}"], dict(os.environ, WANDB_MODE="disabled"))  # fmt: skip
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -379,6 +379,16 @@ def _onednn_linear() -> bool:
         return False
 
 
+def _packable(m: torch.nn.Module) -> bool:
+    """A plain fp32 CPU linear layer holding its whole weight, its own forward not replaced (e.g. by accelerate)."""
+    return (
+        type(m) is torch.nn.Linear
+        and (m.weight.device.type, m.weight.dtype) == ("cpu", torch.float32)
+        and m.weight.shape == (m.out_features, m.in_features)  # ZeRO-3 leaves partitioned weights empty
+        and "forward" not in vars(m)
+    )
+
+
 @contextlib.contextmanager
 def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     """While inside, the model's fp32 CPU `nn.Linear` layers multiply by oneDNN-prepacked weights.
@@ -391,14 +401,11 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     sequences), so use it for generation only. `rows` is the expected rows per product (the batch).
 
     Costs one copy of the weights while it lasts, and the weights must not change inside. Layers
-    on another device or dtype, or with a partitioned (ZeRO-3) weight, run as they are; so does
-    everything when this torch has no oneDNN. Yields how many layers run prepacked.
+    on another device or dtype, with a partitioned (ZeRO-3) weight, or whose forward something else
+    has replaced, run as they are; so does everything when this torch has no oneDNN. Yields how
+    many layers run prepacked.
     """
-    layers = [
-        m for m in model.modules()
-        if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-        and m.weight.shape == (m.out_features, m.in_features)
-    ] if _onednn_linear() else []  # fmt: skip
+    layers = [m for m in model.modules() if _packable(m)] if _onednn_linear() else []
     for layer in layers:
         packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
 

@@ -133,5 +133,10 @@ def test_prepacked_linears_generate_the_same_and_give_the_layers_back():
     model.lm_head.weight.data = torch.empty(0)  # what ZeRO-3 leaves of a partitioned weight
     with prepacked_linears(model, rows=4) as n:
         assert n == 2 * 7 and "forward" not in vars(model.lm_head)
+    down = model.model.layers[0].mlp.down_proj
+    own = down.forward = down.forward  # a forward of its own, as accelerate's hooks set: left alone
+    with prepacked_linears(model, rows=4) as n:
+        assert n == 2 * 7 - 1 and down.forward is own
+    assert down.forward is own
     with prepacked_linears(model.to(torch.bfloat16), rows=4) as n:
         assert n == 0  # fp32 only
