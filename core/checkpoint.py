@@ -38,6 +38,8 @@ TRAINER_STATE = "trainer_state.json"
 EXPORT_INFO = "export_info.json"
 # Written beside a reward model's export: its score mean / std on the eval set (PPO normalises with them).
 REWARD_STATS = "reward_stats.json"
+# DeepSpeed's per-rank ZeRO files: each rank's share of the optimizer state (ZeRO-3: of the weights too).
+ZERO_SHARDS = "zero_pp_rank_*"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -101,9 +103,9 @@ def save_checkpoint(
     dist.barrier()  # every rank's shards are on disk
     final = root / tag
     if dist.is_main():
-        atomic_write_text(
-            tmp / TRAINER_STATE, json.dumps({**trainer_state, "step": step, "world_size": dist.world_size()})
-        )
+        stages = {name: ds.zero_stage(engine) for name, engine in _named(engines).items()}
+        layout = {"step": step, "world_size": dist.world_size(), "zero_stages": stages}
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps({**trainer_state, **layout}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, tag + "\n")
@@ -125,12 +127,73 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _named(engines) -> dict[str, Any]:
+    """{name: engine}: a stage's engines by the subdirectory their shards sit in, or {"model": engine}."""
+    return engines if isinstance(engines, dict) else {"model": engines}
+
+
+def resume_layout_error(saved_world: int, saved_stage: int | None, world: int, stage: int) -> str | None:
+    """Why DeepSpeed cannot restore a checkpoint written by `saved_world` ranks at ZeRO stage
+    `saved_stage` (None: one of 1-3, from a checkpoint that did not record it) into `world` ranks at
+    `stage`, or None when it can.
+
+    Stage 0 saves the whole weights and optimizer state, which load under any rank count. ZeRO-1/2/3
+    save each rank's share of the optimizer state (ZeRO-3 also of the weights): DeepSpeed reads them
+    only under the rank count that wrote them, and stage 0 does not read them at all. Measured with
+    the built-in SFT: one rank -> two under ZeRO-2 stopped on DeepSpeed's world-size error; two ranks
+    under ZeRO-2 -> one (which runs ZeRO-2 as stage 0, `core.deepspeed.effective_stage`) stopped on an
+    AttributeError inside torch's optimizer; one rank -> two under ZeRO-0, and two ranks
+    under ZeRO-1 -> two under ZeRO-2, resumed.
+    """
+    partitioned = saved_stage is None or saved_stage > 0
+    if partitioned != (stage > 0):
+        return ("stage 0 reads whole optimizer state and ZeRO-1/2/3 each rank's share of it; a checkpoint "
+                "holds one or the other")  # fmt: skip
+    if partitioned and saved_world != world:
+        return "DeepSpeed does not split a ZeRO checkpoint's per-rank optimizer state again for another rank count"
+    if saved_stage is not None and 3 in (saved_stage, stage) and saved_stage != stage:
+        return "a ZeRO-3 checkpoint holds each rank's share of the weights, a ZeRO-1/2 one the whole weights"
+    return None
+
+
+def check_resume_layout(engines, checkpoint: Path, state: dict[str, Any]) -> None:
+    """Stop with what to do, before DeepSpeed's own error, when the checkpoint's ranks and ZeRO stages
+    cannot be restored into this run's (see `resume_layout_error`)."""
+    saved_world = state.get("world_size", dist.world_size())
+    world = dist.world_size()
+    for name, engine in _named(engines).items():
+        # older checkpoints did not record their stages: per-rank ZeRO files mean one of 1-3
+        shards = any((checkpoint / name if isinstance(engines, dict) else checkpoint).glob(ZERO_SHARDS))
+        saved = state.get("zero_stages", {}).get(name, None if shards else 0)
+        stage = ds.zero_stage(engine)
+        why = resume_layout_error(saved_world, saved, world, stage)
+        if why is None:
+            continue
+        written = f"ZeRO stage {saved}" if saved is not None else "a ZeRO stage of 1-3"
+        what = [f"resume it with {saved_world} rank(s) and the deepspeed config that wrote it"]
+        if saved == 0:
+            what.append("at stage 0 under any rank count (deepspeed=zero0; PPO: deepspeed@actor_ds=zero0 "
+                        "deepspeed@critic_ds=zero0)")  # fmt: skip
+        what.append("start a new run")
+        single = ""
+        if 1 in (saved_world, world) and 0 in (saved, stage):
+            single = (
+                " (A single fp32 rank runs a ZeRO-1/2 config at stage 0: core.deepspeed.effective_stage.)"
+            )
+        raise ds.ConfigError(
+            f"train.resume: {checkpoint}{f' ({name})' if isinstance(engines, dict) else ''} was written by {saved_world} rank(s) at "
+            f"{written}, and this run has {world} rank(s) at ZeRO stage {stage}: {why}. To go on, "
+            f"{'; or '.join(what)}.{single}"
+        )
+
+
 def load_checkpoint(engines, checkpoint: Path) -> dict[str, Any]:
     """Restore engine(s) (model, optimizer, scheduler) and this rank's RNG; returns the trainer state.
 
     The state gains `rank_tensors` when this rank saved extra tensors (same world size only).
     """
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    check_resume_layout(engines, checkpoint, state)
     if isinstance(engines, dict):
         for name, engine in engines.items():
             ds.load_checkpoint(engine, str(checkpoint), name)

@@ -468,6 +468,11 @@ def partition_shares(module: torch.nn.Module) -> list[float]:
     return dist.all_gather_object(local / max(total, 1))
 
 
+def zero_stage(engine) -> int:
+    """The ZeRO stage the engine runs (the configured one after `effective_stage`)."""
+    return engine.zero_optimization_stage()
+
+
 def save_checkpoint(engine, save_dir: str, tag: str) -> None:
     """DeepSpeed's own sharded checkpoint (module, optimizer, scheduler) of every rank under save_dir/tag."""
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)

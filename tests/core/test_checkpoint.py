@@ -1,6 +1,16 @@
 import json
 
-from core.checkpoint import LATEST, TRAINER_STATE, atomic_write_text, latest_checkpoint
+import pytest
+
+from core.checkpoint import (
+    LATEST,
+    TRAINER_STATE,
+    atomic_write_text,
+    check_resume_layout,
+    latest_checkpoint,
+    resume_layout_error,
+)
+from core.deepspeed import ConfigError
 
 
 def make_ckpt(root, name, complete=True):
@@ -29,3 +39,54 @@ def test_atomic_write_leaves_no_temporary(tmp_path):
     atomic_write_text(tmp_path / "f", "two")
     assert (tmp_path / "f").read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+@pytest.mark.parametrize(
+    "saved_world, saved_stage, world, stage, ok",
+    [
+        (1, 0, 1, 0, True),
+        (1, 0, 2, 0, True),  # whole optimizer state loads under any rank count
+        (2, 1, 2, 2, True),  # ZeRO-1 and 2 share their checkpoint layout
+        (2, 3, 2, 3, True),
+        (1, 0, 2, 2, False),  # one fp32 rank ran its ZeRO-2 config at stage 0
+        (2, 2, 1, 0, False),  # ... and the other way round
+        (2, None, 1, 0, False),  # an older checkpoint with per-rank ZeRO files
+        (2, 2, 4, 2, False),  # DeepSpeed does not re-split per-rank optimizer state
+        (2, 3, 1, 3, False),
+        (2, 2, 2, 3, False),
+    ],
+)
+def test_resume_layouts_deepspeed_cannot_restore_are_named(saved_world, saved_stage, world, stage, ok):
+    assert (resume_layout_error(saved_world, saved_stage, world, stage) is None) == ok
+
+
+class FakeEngine:
+    def __init__(self, stage):
+        self.stage = stage
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+
+def test_a_checkpoint_from_another_rank_count_stops_with_what_to_do(tmp_path):
+    # this test process is one rank; the checkpoint was written by two under ZeRO-2
+    ckpt = make_ckpt(tmp_path, "step-00000010")
+    state = {"step": 10, "world_size": 2, "zero_stages": {"model": 2}}
+    with pytest.raises(
+        ConfigError, match=r"2 rank\(s\) at ZeRO stage 2, and this run has 1 rank\(s\) at ZeRO stage 0"
+    ):
+        check_resume_layout(FakeEngine(0), ckpt, state)
+    # a checkpoint that did not record its stages: DeepSpeed's per-rank ZeRO files tell
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_text("x")
+    with pytest.raises(ConfigError, match="a ZeRO stage of 1-3.*resume it with 2 rank"):
+        check_resume_layout(FakeEngine(0), ckpt, {"step": 10, "world_size": 2})
+    # PPO's engines, each in its own subdirectory: the one that cannot be restored is named
+    (ckpt / "critic").mkdir()
+    (ckpt / "critic" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")
+    with pytest.raises(ConfigError, match=r"\(critic\) was written by 1 rank\(s\) at a ZeRO stage of 1-3"):
+        check_resume_layout(
+            {"actor": FakeEngine(0), "critic": FakeEngine(0)}, ckpt, {"step": 10, "world_size": 1}
+        )
+    # a stage-0 checkpoint goes on under more ranks at stage 0, and the same layout always does
+    check_resume_layout(FakeEngine(0), ckpt, {"step": 10, "world_size": 1, "zero_stages": {"model": 0}})
+    check_resume_layout(FakeEngine(3), ckpt, {"step": 10, "world_size": 1, "zero_stages": {"model": 3}})

@@ -52,6 +52,12 @@ def test_zero3_two_ranks_partition_match_one_process_and_export_gathered_weights
         torch.testing.assert_close(v, one_export[k], rtol=1e-4, atol=1e-5)
     # only rank 0 wrote Hydra's files and the log
     assert (two / ".hydra" / "config.yaml").is_file() and len(list(two.glob("*.log"))) == 1
+    # one process cannot restore two ranks' ZeRO-3 shards: it stops before training and says what to do
+    resumed = run_stage("sft", *STEPS, "deepspeed=zero3", "train.max_steps=10", "train.resume=true",
+                        f"hydra.run.dir={two}", check=False)  # fmt: skip
+    assert resumed.returncode != 0
+    assert "written by 2 rank(s) at ZeRO stage 3, and this run has 1 rank(s)" in resumed.stderr
+    assert "resume it with 2 rank(s)" in resumed.stderr
 
 
 # DeepSpeed keeps small parameters whole on every rank and gathered ones alive between uses; these make
