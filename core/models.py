@@ -344,9 +344,10 @@ def check_pair_packing(model, pairs: list[tuple[list[int], list[int]]], device: 
     name = type(getattr(model, "module", model)).__name__
     try:
         error = pair_packing_error(model, pairs, device)
-    except (TypeError, ValueError, RuntimeError) as e:  # no position_ids, or a mask it cannot take
+    except (TypeError, ValueError, RuntimeError) as e:  # no position_ids, a mask it cannot take, or else
         raise ModelError(f"data.packing=true packs each pair with its prompt once under a 4-D attention mask "
-                         f"and position ids, which {name} does not take ({e}): set data.packing=false") from e  # fmt: skip
+                         f"and position ids; {name} failed on such a row ({type(e).__name__}: {e}): "
+                         "set data.packing=false") from e  # fmt: skip
     if error > 0.05:
         raise ModelError(
             f"data.packing=true, but {name} does not keep packed sequences apart under a 4-D attention mask "

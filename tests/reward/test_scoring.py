@@ -174,7 +174,8 @@ def test_reward_setup_refuses_packing_for_models_that_cannot_keep_sequences_apar
         recipe._check_packing()
     recipe.engine = StandIn(model, without_positions)
     with pytest.raises(
-        ModelError, match="which LlamaForSequenceClassification does not take.*set data.packing=false"
+        ModelError,
+        match="LlamaForSequenceClassification failed on such a row \\(TypeError.*set data.packing=false",
     ):
         recipe._check_packing()
 
