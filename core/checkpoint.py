@@ -180,10 +180,10 @@ def check_resume_layout(engines, checkpoint: Path, state: dict[str, Any]) -> Non
             single = (
                 " (A single fp32 rank runs a ZeRO-1/2 config at stage 0: core.deepspeed.effective_stage.)"
             )
+        where = f"{checkpoint} ({name})" if isinstance(engines, dict) else str(checkpoint)
         raise ds.ConfigError(
-            f"train.resume: {checkpoint}{f' ({name})' if isinstance(engines, dict) else ''} was written by {saved_world} rank(s) at "
-            f"{written}, and this run has {world} rank(s) at ZeRO stage {stage}: {why}. To go on, "
-            f"{'; or '.join(what)}.{single}"
+            f"train.resume: {where} was written by {saved_world} rank(s) at {written}, and this run has "
+            f"{world} rank(s) at ZeRO stage {stage}: {why}. To go on, {'; or '.join(what)}.{single}"
         )
 
 
