@@ -150,7 +150,7 @@ def resume_layout_error(saved_world: int, saved_stage: int | None, world: int, s
         return ("stage 0 reads whole optimizer state and ZeRO-1/2/3 each rank's share of it; a checkpoint "
                 "holds one or the other")  # fmt: skip
     if partitioned and saved_world != world:
-        return "DeepSpeed does not split a ZeRO checkpoint's per-rank optimizer state again for another rank count"
+        return "DeepSpeed does not split per-rank ZeRO optimizer state again for another rank count"
     if saved_stage is not None and 3 in (saved_stage, stage) and saved_stage != stage:
         return "a ZeRO-3 checkpoint holds each rank's share of the weights, a ZeRO-1/2 one the whole weights"
     return None
