@@ -396,10 +396,11 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
 
     Decoding multiplies a few rows (one token per sequence) by every weight matrix once per token.
     For such skinny products the BLAS call spends about 40 % of its time (bench models, 32 rows)
-    packing the weight into its blocked layout, on every call. Packing each weight once for a whole `generate` call
-    (what torch.compile's freezing does on CPU) made generation 15-25 % faster on the PPO bench workloads,
-    the same tokens with logits within 3e-6. It does not help wide products (a forward over whole
-    sequences), so use it for generation only. `rows` is the expected rows per product (the batch).
+    packing the weight into its blocked layout, on every call. Packing each weight once for a whole
+    `generate` call (what torch.compile's freezing does on CPU) made generation 15-25 % faster on
+    the PPO bench workloads, the same tokens with logits within 3e-6. It does not help wide products
+    (a forward over whole sequences), so use it for generation only. `rows` is the expected rows per
+    product (the batch).
 
     Costs one copy of the weights while it lasts, and the weights must not change inside. Layers
     on another device or dtype, with a partitioned (ZeRO-3) weight, or whose forward something else
