@@ -38,8 +38,9 @@ TRAINER_STATE = "trainer_state.json"
 EXPORT_INFO = "export_info.json"
 # Written beside a reward model's export: its score mean / std on the eval set (PPO normalises with them).
 REWARD_STATS = "reward_stats.json"
-# DeepSpeed's per-rank ZeRO files: each rank's share of the optimizer state (ZeRO-3: of the weights too).
-ZERO_SHARDS = "zero_pp_rank_*"
+# DeepSpeed's per-rank ZeRO files: each rank's share of the optimizer state (ZeRO-3: of the weights too),
+# named `bf16_zero_pp_rank_*` when the engine ran in bf16 (the GPU default).
+ZERO_SHARDS = "*zero_pp_rank_*"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

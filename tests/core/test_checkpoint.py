@@ -80,9 +80,10 @@ def test_a_checkpoint_from_another_rank_count_stops_with_what_to_do(tmp_path):
     (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_text("x")
     with pytest.raises(ConfigError, match="a ZeRO stage of 1-3.*resume it with 2 rank"):
         check_resume_layout(FakeEngine(0), ckpt, {"step": 10, "world_size": 2})
-    # PPO's engines, each in its own subdirectory: the one that cannot be restored is named
+    # PPO's engines, each in its own subdirectory: the one that cannot be restored is named (here a bf16
+    # run's files, as DeepSpeed names them on GPUs)
     (ckpt / "critic").mkdir()
-    (ckpt / "critic" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")
+    (ckpt / "critic" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")
     with pytest.raises(ConfigError, match=r"\(critic\) was written by 1 rank\(s\) at a ZeRO stage of 1-3"):
         check_resume_layout(
             {"actor": FakeEngine(0), "critic": FakeEngine(0)}, ckpt, {"step": 10, "world_size": 1}
