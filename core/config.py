@@ -149,6 +149,8 @@ class TrainConfig:
     keep_checkpoints: int = MISSING
     # Continue from the newest complete checkpoint in <run dir>/checkpoints.
     resume: bool = MISSING
+    # CPU only: glibc keeps freed tensor memory for the next step (core.dist.keep_freed_cpu_memory).
+    keep_freed_memory: bool = MISSING
 
 
 def plain(node: Any) -> Any:

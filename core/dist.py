@@ -8,8 +8,10 @@ stripped before Hydra sees the command line.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import os
+import platform
 import socket
 import sys
 from collections.abc import Sequence
@@ -20,6 +22,10 @@ import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 
 RUN_STAMP_ENV = "RLHF_RUN_STAMP"
+
+# glibc's mallopt parameters (<malloc.h>) and the largest mmap threshold it takes on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
 def rank() -> int:
@@ -78,6 +84,32 @@ def shutdown() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def keep_freed_cpu_memory(enabled: bool) -> bool:
+    """On the CPU, let glibc's malloc keep memory a step frees for the next step (`train.keep_freed_memory`).
+
+    A training step on the CPU allocates and frees the same activations and gradients every
+    time, many of them megabytes. glibc serves blocks above its mmap threshold (128 KiB at first,
+    raised as such blocks are freed) with a fresh mmap, unmaps them on free, and trims free
+    memory at the top of its heap back to the OS, so every step faults the same pages in (and
+    the kernel zeroes them) again. With the threshold at glibc's 64-bit maximum (32 MiB) and
+    trimming off, freed blocks are reused instead. On the `small` PPO benchmark: minor page
+    faults per step 36k -> 3k, step 5.4 -> 5.1 s (README, "PPO speed"). The price: memory
+    freed during the run stays with the process, whose resident size stays at its peak.
+
+    Only on the CPU (a GPU run's tensors live on the device), only with glibc, and not when the
+    user set glibc's own malloc settings (any `MALLOC_*` or `GLIBC_TUNABLES`): theirs win.
+    Returns whether it applied.
+    """
+    if not enabled or device().type != "cpu" or platform.libc_ver()[0] != "glibc":
+        return False
+    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    applied = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    return bool(applied)  # mallopt returns 0 for a value it refuses
 
 
 def free_port() -> int:

@@ -69,6 +69,8 @@ class PPORecipe:
         self._check_choices()
         transformers.set_seed(cfg.train.seed)  # the same new heads / adapters on every rank
         self.device = dist.device()
+        if dist.keep_freed_cpu_memory(cfg.train.keep_freed_memory):
+            log.info("train.keep_freed_memory: glibc keeps freed memory for the next step")
         self.world = dist.world_size()
         self._resolve_paths()
         self._setup_tokenizers()

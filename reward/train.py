@@ -77,6 +77,8 @@ class RewardRecipe:
         cfg = self.cfg
         transformers.set_seed(cfg.train.seed)
         self.device = dist.device()
+        if dist.keep_freed_cpu_memory(cfg.train.keep_freed_memory):
+            log.info("train.keep_freed_memory: glibc keeps freed memory for the next step")
         self.tokenizer = models.load_tokenizer(
             cfg.model.tokenizer, cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision
         )

@@ -43,6 +43,8 @@ class SFTRecipe:
         cfg = self.cfg
         transformers.set_seed(cfg.train.seed)
         self.device = dist.device()
+        if dist.keep_freed_cpu_memory(cfg.train.keep_freed_memory):
+            log.info("train.keep_freed_memory: glibc keeps freed memory for the next step")
         train, evals = self._load_conversations()
         if cfg.model.tokenizer == models.TRAIN_TOKENIZER:  # on this stage's own text; saved with the export
             texts = (m.content for c in train for m in c.messages)
