@@ -8,7 +8,10 @@ For each size: builds the workload (make_workload.py), then runs the project
 (`python -m ppo experiment=bench`) and the peer (trl_ppo_peer.py) in turn, `--rounds` times,
 alternating which goes first, and prints the median step time of each (the first step of every
 run is warm-up and not counted), the ratio project / peer, and the model-FLOPs utilisation of both:
-the FLOPs a PPO step needs divided by the fp32 matmul rate torch reaches on this machine now.
+the FLOPs a PPO step needs divided by the fp32 matmul rate torch reaches on this machine (the best
+of timings before and after the runs).
+`--peer-malloc-as-project` gives the peer, through glibc's environment, the malloc settings the
+project applies to itself on the CPU (`train.keep_freed_memory`), to see what the ratio owes them.
 Not part of `make test`: absolute times on a shared machine are noise; the ratio is the figure.
 """
 
@@ -28,17 +31,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_rate(n: int = 2048, reps: int = 10) -> float:
-    """fp32 FLOP/s of a square matmul in torch on this machine (the MFU denominator)."""
+def matmul_rate(n: int = 2048, reps: int = 5, trials: int = 4) -> float:
+    """fp32 FLOP/s of a square matmul in torch on this machine: the best of a few timings (the MFU
+    denominator; a timing that a busy moment slowed would inflate every utilisation figure)."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * reps / best
 
 
 def step_flops(workload: Path, batch: int, response_len: int) -> float:
@@ -84,8 +91,7 @@ def project_median(workload: Path, steps: int, out: Path) -> float:
     return statistics.median(times[1:])
 
 
-def peer_median(workload: Path, steps: int, peer_path: str, bench_dir: Path) -> float:
-    env = dict(os.environ, PYTHONPATH=peer_path, WANDB_MODE="disabled")
+def peer_median(workload: Path, steps: int, env: dict[str, str], bench_dir: Path) -> float:
     out = run([sys.executable, str(bench_dir / "trl_ppo_peer.py"), str(workload), "--steps", str(steps)], env)
     return json.loads(out.strip().splitlines()[-1])["median_step_s"]
 
@@ -98,8 +104,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--peer-malloc-as-project", action="store_true",
+                    help="give the peer the glibc malloc settings the project applies itself (train.keep_freed_memory)")  # fmt: skip
     args = ap.parse_args()
     bench_dir = Path(args.bench_dir)
+    peer_env = dict(os.environ, PYTHONPATH=args.peer_path, WANDB_MODE="disabled")
+    if args.peer_malloc_as_project:  # glibc's environment spelling of what the project sets with mallopt
+        from core.dist import MMAP_THRESHOLD_MAX, TRIM_THRESHOLD_OFF
+
+        peer_env.update(
+            MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_MAX), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD_OFF)
+        )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ppo-bench-"))
     rate = matmul_rate()
     print(f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
@@ -117,14 +132,16 @@ def main() -> None:
                 if who == "ours":
                     ours.append(project_median(workload, args.steps, work / f"run-{size}-{r}"))
                 else:
-                    peer.append(peer_median(workload, args.steps, args.peer_path, bench_dir))
+                    peer.append(peer_median(workload, args.steps, peer_env, bench_dir))
             print(f"{size} round {r}: project {ours[-1]:.3f} s/step, TRL {peer[-1]:.3f} s/step", flush=True)
+        rate = max(rate, matmul_rate())  # again after the runs: the machine's best of the two
         o, p = statistics.median(ours), statistics.median(peer)
         flops = step_flops(workload, batch=32, response_len=32)
         print(json.dumps({"size": size, "project_median_step_s": round(o, 4), "trl_median_step_s": round(p, 4),
                           "ratio_project_over_trl": round(o / p, 3), "step_gflop": round(flops / 1e9, 2),
                           "mfu_project": round(flops / o / rate, 3), "mfu_trl": round(flops / p / rate, 3),
-                          "matmul_gflops": round(rate / 1e9, 1)}), flush=True)  # fmt: skip
+                          "matmul_gflops": round(rate / 1e9, 1),
+                          "peer_malloc_as_project": args.peer_malloc_as_project}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

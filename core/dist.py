@@ -23,9 +23,10 @@ from omegaconf import OmegaConf
 
 RUN_STAMP_ENV = "RLHF_RUN_STAMP"
 
-# glibc's mallopt parameters (<malloc.h>) and the largest mmap threshold it takes on 64-bit
+# glibc's mallopt parameters (<malloc.h>), the largest mmap threshold it takes on 64-bit, and a
+# trim threshold (an int, at most 2 GiB) that in practice never trims
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+MMAP_THRESHOLD_MAX, TRIM_THRESHOLD_OFF = 32 * 1024 * 1024, 2**31 - 1
 
 
 def rank() -> int:
@@ -108,7 +109,7 @@ def keep_freed_cpu_memory(enabled: bool) -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    applied = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    applied = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_OFF)
     return bool(applied)  # mallopt returns 0 for a value it refuses
 
 
