@@ -56,8 +56,8 @@ HANDOFF = {
     "reward": {"model": "sft"},
     "ppo": {"actor": "sft", "ref": "sft", "reward_model": "reward", "critic": "reward"},
 }
-# Config parts that change how a run is watched or restarted, not what it computes.
-UNHASHED = ("logger", "train.resume")
+# Config parts that change how a run is watched, restarted or allocates memory, not what it computes.
+UNHASHED = ("logger", "train.resume", "train.keep_freed_memory")
 STAGE_STATE = "pipeline_stage.json"  # <stage dir>/ at the start; <stage dir>/export/ when finished
 STAGE_CONFIG = "pipeline_stage_config"  # <stage dir>/pipeline_stage_config.yaml, what the stage runs
 

@@ -84,10 +84,10 @@ def test_compose_stage_values_groups_alias_and_typos():
             pipeline.compose_stage("sft", {"train": {"max_steps": "many"}}, {}, "/d")
 
 
-def test_stage_key_ignores_logging_resume_and_handoff_location():
+def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         a = pipeline.compose_stage("reward", {}, {"model": "/a/sft/export"}, "/d")
-        b = pipeline.compose_stage("reward", {"logger": {"group": "g"}, "train": {"resume": True}},
+        b = pipeline.compose_stage("reward", {"logger": {"group": "g"}, "train": {"resume": True, "keep_freed_memory": False}},
                                    {"model": "/elsewhere/sft/export"}, "/d")  # fmt: skip
         c = pipeline.compose_stage("reward", {"optim": {"lr": 1e-3}}, {"model": "/a/sft/export"}, "/d")
     key = pipeline.stage_key("reward", a, {"sft": "k1"})
