@@ -109,8 +109,8 @@ def keep_freed_cpu_memory(enabled: bool) -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    applied = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_OFF)
-    return bool(applied)  # mallopt returns 0 for a value it refuses
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)  # 0 for a value it refuses
+    return bool(mmap_set and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_OFF))
 
 
 def free_port() -> int:
