@@ -398,9 +398,11 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     For such skinny products the BLAS call spends about 40 % of its time (bench models, 32 rows)
     packing the weight into its blocked layout, on every call. Packing each weight once for a whole
     `generate` call (what torch.compile's freezing does on CPU) made generation 15-25 % faster on
-    the PPO bench workloads, the same tokens with logits within 3e-6. It does not help wide products
-    (a forward over whole sequences), so use it for generation only. `rows` is the expected rows per
-    product (the batch).
+    the PPO bench workloads, the same tokens with logits within 3e-6. Wide products (a forward over
+    whole sequences) gain less, and re-packing on each call eats it on small models: a `tiny` bench
+    forward took 79 -> 71 ms on packed weights, but 82.5 -> 82.7 ms counting the packing (README,
+    "tried and left out"); so it is used for generation only. `rows` is the expected rows per product
+    (the batch).
 
     Costs one copy of the weights while it lasts, and the weights must not change inside. Layers
     on another device or dtype, with a partitioned (ZeRO-3) weight, or whose forward something else
