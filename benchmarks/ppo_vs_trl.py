@@ -36,7 +36,7 @@ def matmul_rate(n: int = 2048, reps: int = 5, trials: int = 4) -> dict[str, floa
     """fp32 FLOP/s of a square matmul in torch on this machine, by each of torch's CPU paths: `blas`
     (`a @ b`, MKL on x86) and `onednn` (the oneDNN linear on a prepacked weight, the op the project
     generates with), each the best of a few timings. The MFU denominator is the faster of the two:
-    on these AMD cores oneDNN's is about 20 % above MKL's, and a denominator below what torch can
+    on these AMD cores oneDNN's is 20-25 % above MKL's, and a denominator below what torch can
     reach would flatter every utilisation figure (as would a timing slowed by a busy moment)."""
     import torch
 
