@@ -40,9 +40,11 @@ def matmul_rate(n: int = 2048, reps: int = 5, trials: int = 4) -> dict[str, floa
     reach would flatter every utilisation figure (as would a timing slowed by a busy moment)."""
     import torch
 
+    from core.models import has_onednn_linear
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     paths = {"blas": lambda: a @ b}
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if has_onednn_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
         paths["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
     rates = {}

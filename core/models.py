@@ -370,7 +370,7 @@ def forward_flops(model) -> tuple[float, float]:
     return 2.0 * weights, 4.0 * module.config.num_hidden_layers * module.config.hidden_size
 
 
-def _onednn_linear() -> bool:
+def has_onednn_linear() -> bool:
     """Whether this torch has oneDNN's prepacked linear (the ops torch.compile's CPU freezing uses)."""
     try:
         return torch.backends.mkldnn.is_available() and all(
@@ -409,7 +409,7 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     has replaced, run as they are; so does everything when this torch has no oneDNN. Yields how
     many layers run prepacked.
     """
-    layers = [m for m in model.modules() if _packable(m)] if _onednn_linear() else []
+    layers = [m for m in model.modules() if _packable(m)] if has_onednn_linear() else []
     for layer in layers:
         packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
 
