@@ -67,7 +67,8 @@ def sample_responses(
 ) -> tuple[list[list[int]], list[list[int]]]:  # fmt: skip
     """n sampled responses per prompt: (prompt ids, response ids up to and including EOS) per row.
 
-    Rows are prompt-major: row i * n + j is sample j of prompt i.
+    Rows are prompt-major: row i * n + j is sample j of prompt i. Decodes on oneDNN-prepacked
+    weights where the model allows it (`models.prepacked_linears`; fp32 on the CPU).
     """
     tok = policy.tokenizer
     encoded = [policy.formatter.encode_prompt((Message("user", p),))[-max_prompt_len:] for p in prompts]
@@ -79,11 +80,14 @@ def sample_responses(
         width = max(map(len, chunk))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in chunk])  # [B, P] left-padded
         mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in chunk])  # True = valid
-        out = policy.model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.min_new_tokens or None, temperature=sampling.temperature,
-            top_p=sampling.top_p, top_k=sampling.top_k, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )  # fmt: skip
+        # decoding on prepacked weights, as PPO's rollouts do (rollout.prepack_weights)
+        with models.prepacked_linears(policy.model, len(chunk)):
+            out = policy.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=sampling.max_new_tokens,
+                min_new_tokens=sampling.min_new_tokens or None, temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=sampling.top_k, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )  # fmt: skip
         for row in out[:, width:].tolist():  # [B, A]
             responses.append(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
     return rows, responses
@@ -105,9 +109,10 @@ def sequence_logprobs(
         mask = torch.tensor([[False] * (width - len(p)) + [True] * (len(p) + len(r)) + [False] * (length - len(r))
                              for p, r in zip(ps, rs)])  # fmt: skip
         logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=models.positions_from_mask(mask)
-        ).logits
-        logits = logits[:, width - 1 : -1].float() / temperature  # [B, A, V]: the logits that predict y_t
+            input_ids=ids, attention_mask=mask, position_ids=models.positions_from_mask(mask),
+            logits_to_keep=length + 1,  # the LM head on positions width - 1 .. end only
+        ).logits  # fmt: skip
+        logits = logits[:, :-1].float() / temperature  # [B, A, V]: the logits that predict y_t
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, width:, None]).squeeze(-1)  # [B, A]
         out += (logp * mask[:, width:]).sum(1).tolist()
     return out

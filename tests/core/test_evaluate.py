@@ -1,0 +1,53 @@
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from core.evaluate import Policy, Sampling, sample_responses, sequence_logprobs
+from core.models import load_tokenizer
+from data.templates import PromptFormatter
+
+
+def tiny_lm(vocab_size: int = 64, pad_id: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, pad_token_id=pad_id)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_sequence_logprobs_match_each_sequence_alone():
+    """Batched (prompts left-padded, responses right-padded, LM head on the response only) equals
+    sum_t log softmax(logits / T)[y_t] of each unpadded sequence run by itself."""
+    model = tiny_lm()
+    g = torch.Generator().manual_seed(1)
+
+    def row(n):
+        return torch.randint(3, 64, (n,), generator=g).tolist()
+
+    prompts = [row(5), row(2), row(7)]
+    responses = [row(3), row(6), row(1)]
+    T = 0.7
+    got = sequence_logprobs(model, prompts, responses, pad_id=0, temperature=T, batch_size=2)
+    want = []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            logits = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1] / T  # [A, V]
+            want.append(float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).sum()))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-4)
+
+
+def test_sample_responses_are_prompt_major_and_stop_after_eos():
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    model = tiny_lm(len(tok), tok.pad_token_id)
+    template = dict(chat_template="never", system="{content}", user="{content}", assistant="{content}")
+    policy = Policy(model, tok, PromptFormatter(tok, **template))
+    sampling = Sampling(max_new_tokens=8, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0)
+    prompts = ["count to three", "a much longer prompt than the first one"]
+    kw = dict(n=3, seed=0, max_prompt_len=64, batch_size=4)
+    rows, responses = sample_responses(policy, prompts, sampling, **kw)
+    assert len(rows) == len(responses) == 6
+    assert rows[0] == rows[2] != rows[3] == rows[5]  # row i * n + j: sample j of prompt i
+    for r in responses:
+        assert 1 <= len(r) <= 8
+        assert tok.eos_token_id not in r[:-1]  # cut right after the first EOS
+    again = sample_responses(policy, prompts, sampling, **kw)
+    assert again == (rows, responses)  # seeded
+    assert all("forward" not in vars(m) for m in model.modules())  # the prepacked layers were given back
