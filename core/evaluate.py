@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class Sampling:
     temperature: float
     top_p: float
     top_k: int
+    prepack_weights: bool  # decode on oneDNN-prepacked weights (the PPO run's rollout.prepack_weights)
 
 
 @dataclass
@@ -67,8 +69,8 @@ def sample_responses(
 ) -> tuple[list[list[int]], list[list[int]]]:  # fmt: skip
     """n sampled responses per prompt: (prompt ids, response ids up to and including EOS) per row.
 
-    Rows are prompt-major: row i * n + j is sample j of prompt i. Decodes on oneDNN-prepacked
-    weights where the model allows it (`models.prepacked_linears`; fp32 on the CPU).
+    Rows are prompt-major: row i * n + j is sample j of prompt i. With sampling.prepack_weights,
+    decodes on oneDNN-prepacked weights where the model allows it (`models.prepacked_linears`).
     """
     tok = policy.tokenizer
     encoded = [policy.formatter.encode_prompt((Message("user", p),))[-max_prompt_len:] for p in prompts]
@@ -80,8 +82,10 @@ def sample_responses(
         width = max(map(len, chunk))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in chunk])  # [B, P] left-padded
         mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in chunk])  # True = valid
-        # decoding on prepacked weights, as PPO's rollouts do (rollout.prepack_weights)
-        with models.prepacked_linears(policy.model, len(chunk)):
+        packed = (
+            models.prepacked_linears(policy.model, len(chunk)) if sampling.prepack_weights else nullcontext()
+        )
+        with packed:
             out = policy.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=sampling.max_new_tokens,
                 min_new_tokens=sampling.min_new_tokens or None, temperature=sampling.temperature,
@@ -232,7 +236,9 @@ def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
         "prompts": prompts,
         "judge": made,
         "template": OmegaConf.to_container(d.template, resolve=True),
-        "sampling": Sampling(r.max_new_tokens, r.min_new_tokens, r.temperature, r.top_p, r.top_k),
+        "sampling": Sampling(
+            r.max_new_tokens, r.min_new_tokens, r.temperature, r.top_p, r.top_k, r.prepack_weights
+        ),
         "max_prompt_len": d.max_len,
     }
 
@@ -249,17 +255,20 @@ def _imdb_data(data_root: str) -> DictConfig:
 
 
 def _run_config(policy_dir: Path) -> DictConfig:
-    """The config of the PPO run that wrote `policy_dir`, or conf/ppo.yaml's defaults."""
-    for name in ("pipeline_stage_config.yaml", ".hydra/config.yaml"):
-        path = policy_dir.parent / name
-        if path.is_file():
-            return OmegaConf.load(path)
+    """The config of the PPO run that wrote `policy_dir` over conf/ppo.yaml's defaults (a key added
+    since that run takes its default), or the defaults alone."""
     from hydra import compose, initialize_config_dir
 
     import ppo.config  # noqa: F401  (the schema)
 
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        return compose(config_name="ppo")
+        defaults = compose(config_name="ppo")
+    for name in ("pipeline_stage_config.yaml", ".hydra/config.yaml"):
+        path = policy_dir.parent / name
+        if path.is_file():
+            OmegaConf.set_struct(defaults, False)  # the run's own keys, even ones since removed
+            return OmegaConf.merge(defaults, OmegaConf.load(path))
+    return defaults
 
 
 def cli(argv: list[str]) -> None:

@@ -1,7 +1,8 @@
 import torch
+from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from core.evaluate import Policy, Sampling, sample_responses, sequence_logprobs
+from core.evaluate import Policy, Sampling, _run_config, sample_responses, sequence_logprobs, settings_from
 from core.models import load_tokenizer
 from data.templates import PromptFormatter
 
@@ -39,7 +40,8 @@ def test_sample_responses_are_prompt_major_and_stop_after_eos():
     model = tiny_lm(len(tok), tok.pad_token_id)
     template = dict(chat_template="never", system="{content}", user="{content}", assistant="{content}")
     policy = Policy(model, tok, PromptFormatter(tok, **template))
-    sampling = Sampling(max_new_tokens=8, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0)
+    sampling = Sampling(max_new_tokens=8, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0,
+                        prepack_weights=True)  # fmt: skip
     prompts = ["count to three", "a much longer prompt than the first one"]
     kw = dict(n=3, seed=0, max_prompt_len=64, batch_size=4)
     rows, responses = sample_responses(policy, prompts, sampling, **kw)
@@ -51,3 +53,26 @@ def test_sample_responses_are_prompt_major_and_stop_after_eos():
     again = sample_responses(policy, prompts, sampling, **kw)
     assert again == (rows, responses)  # seeded
     assert all("forward" not in vars(m) for m in model.modules())  # the prepacked layers were given back
+
+
+def test_run_config_is_the_runs_own_with_later_keys_from_the_defaults(tmp_path):
+    """`rlhf evaluate` on an export whose run predates a key (here rollout.prepack_weights) reads
+    the run's own settings and the key's default from conf/ppo.yaml; a run that set it keeps its value."""
+    defaults = _run_config(tmp_path / "no-run" / "export")  # no saved config: conf/ppo.yaml
+    assert defaults.rollout.prepack_weights is True
+    run = OmegaConf.to_container(defaults)
+    run["rollout"]["temperature"] = 0.5
+    del run["rollout"]["prepack_weights"]
+    (tmp_path / "old" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(run), tmp_path / "old" / ".hydra" / "config.yaml")
+    old = _run_config(tmp_path / "old" / "export")
+    assert old.rollout.temperature == 0.5 and old.rollout.prepack_weights is True
+    run["rollout"]["prepack_weights"] = False
+    (tmp_path / "new").mkdir()
+    OmegaConf.save(OmegaConf.create(run), tmp_path / "new" / "pipeline_stage_config.yaml")
+    new = _run_config(tmp_path / "new" / "export")
+    assert new.rollout.prepack_weights is False
+    assert settings_from(new)["sampling"] == Sampling(
+        defaults.rollout.max_new_tokens, defaults.rollout.min_new_tokens, 0.5, defaults.rollout.top_p,
+        defaults.rollout.top_k, prepack_weights=False,
+    )  # fmt: skip
