@@ -265,9 +265,8 @@ def _run_config(policy_dir: Path) -> DictConfig:
         defaults = compose(config_name="ppo")
     for name in ("pipeline_stage_config.yaml", ".hydra/config.yaml"):
         path = policy_dir.parent / name
-        if path.is_file():
-            OmegaConf.set_struct(defaults, False)  # the run's own keys, even ones since removed
-            return OmegaConf.merge(defaults, OmegaConf.load(path))
+        if path.is_file():  # untyped, so that the run's own keys stay, even ones since removed
+            return OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(defaults)), OmegaConf.load(path))
     return defaults
 
 

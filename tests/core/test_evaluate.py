@@ -63,10 +63,12 @@ def test_run_config_is_the_runs_own_with_later_keys_from_the_defaults(tmp_path):
     run = OmegaConf.to_container(defaults)
     run["rollout"]["temperature"] = 0.5
     del run["rollout"]["prepack_weights"]
+    run["rollout"]["since_removed"] = 1  # a key the schema no longer has
     (tmp_path / "old" / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(run), tmp_path / "old" / ".hydra" / "config.yaml")
     old = _run_config(tmp_path / "old" / "export")
     assert old.rollout.temperature == 0.5 and old.rollout.prepack_weights is True
+    assert old.rollout.since_removed == 1
     run["rollout"]["prepack_weights"] = False
     (tmp_path / "new").mkdir()
     OmegaConf.save(OmegaConf.create(run), tmp_path / "new" / "pipeline_stage_config.yaml")
