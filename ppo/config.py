@@ -33,6 +33,7 @@ class RolloutConfig:
     stop_at_eos: bool = MISSING
     gather_once: bool = MISSING
     prepack_weights: bool = MISSING
+    prepack_frozen: bool = MISSING
     micro_batch_size_per_device: int = MISSING
 
 

@@ -227,6 +227,12 @@ class PPORecipe:
         self.reward = frozen(c.reward_model, self.rm_tokenizer, "score")
         self.reward_head = models.score_head(self.reward.module)
         self.rm_stats = self._reward_stats()
+        self.frozen_packed = contextlib.ExitStack()  # closed in cleanup()
+        if c.rollout.prepack_frozen:  # frozen weights never change: pack them once for the run
+            rows = c.rollout.micro_batch_size_per_device * (c.data.max_len + c.rollout.max_new_tokens)
+            n = sum(self.frozen_packed.enter_context(models.prepacked_linears(m.module, rows))
+                    for m in (self.ref, self.reward) if m is not None)  # fmt: skip
+            log.info("rollout.prepack_frozen: %d linear layers of the frozen models prepacked", n)
 
     def _check_packing(self) -> None:
         """data.packing: fail before training if a model cannot score packed rows (`models.check_packing`)."""
@@ -649,6 +655,7 @@ class PPORecipe:
                                         info={**info, "ema_decay": self.cfg.ppo.ema_decay})  # fmt: skip
 
     def cleanup(self) -> None:
+        self.frozen_packed.close()
         self.logger.close()
 
 

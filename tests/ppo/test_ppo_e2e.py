@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from core import models
 from tests.conftest import ROOT, deepspeed_launcher, metric_series, read_metrics, run_stage, stage_env
 
 NO_LOG = ("logger=none",)
@@ -175,3 +176,24 @@ def test_reused_critic_forward_matches_a_fresh_one(exports, tmp_path):
     va = [v for _, v in metric_series(read_metrics(runs["zero2"]), "ppo/value_loss")]
     vb = [v for _, v in metric_series(read_metrics(runs["zero3"]), "ppo/value_loss")]
     assert va == pytest.approx(vb, rel=1e-4)
+
+
+def test_prepacked_frozen_models_score_as_the_plain_ones(exports, tmp_path):
+    """rollout.prepack_frozen packs the reference's and reward model's linears once for the run
+    (oneDNN, CPU fp32): the same rollouts, rewards and KL as their plain forwards, to rounding."""
+    if not models.has_onednn_linear():
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    runs, logs = {}, {}
+    for packed in (True, False):
+        runs[packed] = tmp_path / f"packed-{packed}"
+        proc = run_stage("ppo", *ppo_args(exports, runs[packed], f"rollout.prepack_frozen={packed}",
+                                          "train.max_steps=2", "train.eval_every=0"))  # fmt: skip
+        logs[packed] = proc.stdout + proc.stderr
+    # every linear of the two frozen models: 4 per attention + 3 per MLP in each layer, plus the heads
+    layers = 2 * (7 * AutoConfig.from_pretrained(exports / "sft" / "run" / "export").num_hidden_layers + 1)
+    assert f"rollout.prepack_frozen: {layers} linear layers of the frozen models prepacked" in logs[True]
+    assert "prepack_frozen:" not in logs[False]
+    on, off = read_metrics(runs[True]), read_metrics(runs[False])
+    for key in ("ppo/reward", "ppo/kl", "ppo/value_explained_var", "ppo/policy_loss"):
+        a, b = [v for _, v in metric_series(on, key)], [v for _, v in metric_series(off, key)]
+        assert len(a) == 2 and a == pytest.approx(b, rel=1e-4, abs=1e-5), (key, a, b)
