@@ -10,7 +10,8 @@ alternating which goes first, and prints the median step time of each (the first
 run is warm-up and not counted), the ratio project / peer, and the model-FLOPs utilisation of both:
 the FLOPs a PPO step needs divided by the fp32 matmul rate torch reaches on this machine (the
 faster of its BLAS and oneDNN products, the best of timings before and after the runs; the
-utilisation against the BLAS rate alone is printed beside it).
+utilisation against the BLAS rate alone is printed beside it). Each round's line also gives the
+share of CPU time the VM's host took for others during it (steal, from Linux's /proc/stat).
 `--peer-malloc-as-project` gives the peer, through glibc's environment, the malloc settings the
 project applies to itself on the CPU (`train.keep_freed_memory`), to see what the ratio owes them.
 Not part of `make test`: absolute times on a shared machine are noise; the ratio is the figure.
@@ -92,6 +93,24 @@ def step_flops(workload: Path, batch: int, response_len: int) -> float:
     return total
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) CPU time in jiffies from Linux's /proc/stat, or None elsewhere. Steal is time
+    the hypervisor gave this VM's virtual cores to someone else: a round with a high share ran on a
+    busy host (both sides of it are slowed, not always equally)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(start: tuple[int, int] | None) -> str:
+    end = cpu_times()
+    if start is None or end is None or end[1] == start[1]:
+        return "n/a"
+    return f"{100 * (end[0] - start[0]) / (end[1] - start[1]):.1f} %"
+
+
 def run(cmd: list[str], env: dict[str, str]) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -146,13 +165,15 @@ def main() -> None:
             )
         ours, peer = [], []
         for r in range(args.rounds):
+            cpu_start = cpu_times()
             first_ours = r % 2 == 0  # alternate the order: neither side always runs on a warmer machine
             for who in ("ours", "peer") if first_ours else ("peer", "ours"):
                 if who == "ours":
                     ours.append(project_median(workload, args.steps, work / f"run-{size}-{r}"))
                 else:
                     peer.append(peer_median(workload, args.steps, peer_env, bench_dir))
-            print(f"{size} round {r}: project {ours[-1]:.3f} s/step, TRL {peer[-1]:.3f} s/step", flush=True)
+            print(f"{size} round {r}: project {ours[-1]:.3f} s/step, TRL {peer[-1]:.3f} s/step, "
+                  f"CPU time stolen by the host {steal_share(cpu_start)}", flush=True)  # fmt: skip
         rates = best_rates(rates, matmul_rate())  # again after the runs: the machine's best of the two
         rate, blas = max(rates.values()), rates["blas"]
         o, p = statistics.median(ours), statistics.median(peer)
