@@ -401,8 +401,10 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     the PPO bench workloads, the same tokens with logits within 3e-6. Wide products (a forward over
     whole sequences) gain less, and re-packing on each call eats it on small models: a `tiny` bench
     forward took 79 -> 71 ms on packed weights, but 82.5 -> 82.7 ms counting the packing (README,
-    "tried and left out"); so it is used for generation only. `rows` is the expected rows per product
-    (the batch).
+    "tried and left out"); so a trained model uses it for generation only, while PPO's frozen
+    reference and reward model, packed once for the whole run (`rollout.prepack_frozen`), score on
+    it too (their bench forwards 9-10 % faster). `rows` is the expected rows per product (the batch);
+    oneDNN's choice barely depends on it.
 
     Costs one copy of the weights while it lasts, and the weights must not change inside. Layers
     on another device or dtype, with a partitioned (ZeRO-3) weight, or whose forward something else
