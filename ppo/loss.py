@@ -37,7 +37,9 @@ def policy_loss(
 
     ratio = pi(a|s) / pi_old(a|s);   L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
     """
-    log_ratio = logprobs - old_logprobs
+    # 0 off the mask: padding's old log-probs (a forced pad token after EOS) can be far below the new
+    # ones there, and exp of that gap would overflow to inf, then inf * 0 = NaN through the mask
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)

@@ -40,6 +40,19 @@ def test_policy_loss_gradient_is_zero_where_clipped():
     assert logp.grad[0, 1].item() == pytest.approx(-2 * math.exp(-0.5) / 2)
 
 
+def test_policy_loss_stays_finite_off_the_mask():
+    # padding after EOS: the sampling pass's log-prob of the forced pad token can be very low, and a
+    # packed forward leaves 0 there; exp(0 - (-1000)) overflows, which must not reach loss or gradient
+    logp = torch.tensor([[-0.1, 0.0]], requires_grad=True)
+    old = torch.tensor([[-0.1, -1000.0]])
+    mask = torch.tensor([[True, False]])
+    out = policy_loss(logp, old, torch.tensor([[1.0, 1.0]]), mask, clip_eps=0.2, num_tokens=1)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(-1.0)
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1].item() == 0.0
+    assert out.approxkl.item() == 0.0 and out.clipfrac.item() == 0.0
+
+
 def test_value_loss_by_hand():
     # token 1: V 1.0, old 0.0, R 0.0: err 1.0; clipped V 0.2 -> 0.04; max 1.0
     # token 2: V 0.0, old 1.0, R 1.5: err 2.25; clipped V 0.8 -> 0.49; max 2.25
