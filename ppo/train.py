@@ -54,6 +54,24 @@ def newest_export(runs_dir: str, stage: str) -> str:
     return str(found)
 
 
+def eval_batches(n: int, world: int, rank: int, batch: int) -> list[tuple[list[int], int]]:
+    """This rank's share of n held-out prompts, in generation batches: (prompt indices, own count) each.
+
+    Every rank gets as many batches as every other, of the same sizes, since generating and scoring
+    make collective calls (ZeRO-3 gathers, the packing all-reduce) per micro-batch: a rank with
+    fewer prompts fills its batches with its first prompt (prompt 0 if it has none), and only the
+    first `own count` indices of a batch are its own.
+    """
+    per_rank = math.ceil(n / world)
+    mine = list(range(rank * per_rank, min((rank + 1) * per_rank, n)))
+    out = []
+    for k in range(0, per_rank, batch):
+        own = mine[k : k + batch]
+        filler = [own[0] if own else 0] * (min(batch, per_rank - k) - len(own))
+        out.append((own + filler, len(own)))
+    return out
+
+
 class PPORecipe:
     """setup -> train -> cleanup; checkpoints, evaluation and the exports happen inside train."""
 
@@ -105,6 +123,15 @@ class PPORecipe:
                                     ("ppo.reward_norm", p.reward_norm, ("none", "rm_stats", "running"))):  # fmt: skip
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        if p.kl_in == "loss" and p.kl_estimator == "k1":
+            # d/dtheta of log pi(a) - log pi_ref(a) is d log pi(a): nothing of the reference is left in it
+            raise ConfigError(
+                "ppo.kl_in=loss needs ppo.kl_estimator=k2 or k3: k1's gradient as a loss does not depend on "
+                "the reference (it only lowers the sampled tokens' log-probs), so it would not hold the policy "
+                "near it. k2's gradient is that of KL(pi || pi_ref); k3 is GRPO's choice"
+            )
+        if p.epochs < 1:
+            raise ConfigError(f"ppo.epochs must be at least 1; got {p.epochs}")
 
     def _resolve_paths(self) -> None:
         """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""
@@ -579,17 +606,10 @@ class PPORecipe:
     def evaluate(self) -> dict[str, float]:
         """Mean raw reward (and gold reward on the built-in task) of sampled responses to held-out prompts."""
         t = self.cfg.train
-        prompts = (
-            self.eval_prompts[: t.eval_batches * self.local_batch] if t.eval_batches else self.eval_prompts
-        )
-        ids = self.eval_ids[: len(prompts)]
-        per_rank = math.ceil(len(ids) / self.world)
-        lo = dist.rank() * per_rank
-        mine = list(range(lo, min(lo + per_rank, len(ids))))
+        n = t.eval_batches * self.cfg.rollout.batch_size if t.eval_batches else len(self.eval_prompts)
+        prompts, ids = self.eval_prompts[:n], self.eval_ids[:n]
         total = [0.0, 0.0, 0.0]  # reward sum, gold sum, count
-        for k in range(0, per_rank, self.local_batch):  # equal number of calls on every rank (collectives)
-            chunk = mine[k : k + self.local_batch] or [0]
-            real = len(mine[k : k + self.local_batch])
+        for chunk, real in eval_batches(len(ids), self.world, dist.rank(), self.local_batch):
             prompt_ids, prompt_mask, response, _, _ = self.generate([ids[i] for i in chunk])
             mask = ro.response_mask(response, self.eos_id, self.cfg.rollout.stop_at_eos)
             seq_ids, seq_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)

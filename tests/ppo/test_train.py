@@ -1,0 +1,49 @@
+"""The PPO recipe's pure parts: how evaluation shares out prompts, and the settings it refuses."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import ppo.config  # noqa: F401  (registers ppo_schema)
+from ppo.train import ConfigError, PPORecipe, eval_batches
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 60, 97])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("batch", [1, 4, 32])
+def test_eval_batches_are_alike_on_every_rank_and_cover_each_prompt_once(n, world, batch):
+    shares = [eval_batches(n, world, rank, batch) for rank in range(world)]
+    sizes = {tuple(len(chunk) for chunk, _ in share) for share in shares}
+    assert len(sizes) == 1, sizes  # the same batches, of the same sizes: the same collective calls
+    own = [i for share in shares for chunk, real in share for i in chunk[:real]]
+    assert sorted(own) == list(range(n))
+    assert all(len(chunk) <= batch for share in shares for chunk, _ in share)
+
+
+def test_eval_batches_fill_a_short_rank_with_its_first_prompt():
+    # 97 prompts on 2 ranks: 49 + 48; in batches of 32 the second rank's last batch has 16 + 1 filler
+    (_, (chunk0, real0)), (_, (chunk1, real1)) = (eval_batches(97, 2, r, 32) for r in (0, 1))
+    assert (len(chunk0), real0) == (17, 17)
+    assert (len(chunk1), real1) == (17, 16) and chunk1[-1] == chunk1[0] == 81
+
+
+def recipe(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return PPORecipe(compose("ppo", overrides=list(overrides)), run_dir=Path("unused"))
+
+
+def test_kl_as_a_loss_refuses_k1():
+    with pytest.raises(ConfigError, match="kl_in=loss needs ppo.kl_estimator=k2 or k3"):
+        recipe("ppo.kl_in=loss", "ppo.kl_estimator=k1")._check_choices()
+    for estimator in ("k2", "k3"):
+        recipe("ppo.kl_in=loss", f"ppo.kl_estimator={estimator}")._check_choices()
+    recipe("ppo.kl_in=reward", "ppo.kl_estimator=k1")._check_choices()
+
+
+def test_misspelt_choices_and_zero_epochs_are_refused():
+    with pytest.raises(ConfigError, match="ppo.kl_estimator must be one of k1, k2, k3; got 'k4'"):
+        recipe("ppo.kl_estimator=k4")._check_choices()
+    with pytest.raises(ConfigError, match="ppo.epochs must be at least 1; got 0"):
+        recipe("ppo.epochs=0")._check_choices()
