@@ -6,9 +6,10 @@ Layout under a run directory:
     checkpoints/latest           the tag of the newest complete checkpoint (one line)
     export/                      Hugging Face model (or peft adapter) + tokenizer + export_info.json
 
-A checkpoint is written to `.tmp-step-N/` and renamed into place only when every rank has
-finished, then `latest` is replaced atomically; an export is written to `export.tmp/` and
-swapped in. A crash at any moment leaves the previous complete checkpoint or export in place.
+A checkpoint is written to `.tmp-step-N/`, forced to disk, and renamed into place only when every
+rank has finished, then `latest` is replaced atomically; an export is written to `export.tmp/` and
+swapped in. A crash at any moment, a power cut included, leaves the previous complete checkpoint
+(or export: in `export.old/` for the instant between the swap's two renames) readable.
 Several nodes must share the run directory's filesystem.
 """
 
@@ -52,18 +53,50 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fsync_tree(path: Path) -> None:
+    """Force every file under `path`, and the directories themselves, to disk (so that a power cut
+    after a rename cannot leave the renamed name pointing at empty or short files)."""
+    for d, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(d))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside a directory durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
 def rng_state() -> dict[str, Any]:
+    """This process's RNG streams: Python's, torch's CPU one and its current GPU's (not every GPU's:
+    a resume may see a different set of devices per process)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])
+        elif len(state.get("cuda", ())) == torch.cuda.device_count():  # older checkpoints: every GPU's
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -101,6 +134,7 @@ def save_checkpoint(
     if rank_tensors:
         save_file({k: v.detach().contiguous().cpu() for k, v in rank_tensors.items()},
                   tmp / f"tensors_rank{dist.rank()}.safetensors")  # fmt: skip
+    fsync_tree(tmp)
     dist.barrier()  # every rank's shards are on disk
     final = root / tag
     if dist.is_main():
@@ -109,11 +143,34 @@ def save_checkpoint(
         atomic_write_text(tmp / TRAINER_STATE, json.dumps({**trainer_state, **layout}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(root)
         atomic_write_text(root / LATEST, tag + "\n")
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(root)
+        _prune(root, step, keep)
     dist.barrier()
     return final
+
+
+def _prune(root: Path, step: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step` (the one just written counts); `keep` <= 0
+    keeps all. Checkpoints of later steps, left in this directory by an earlier run, are not this
+    run's to delete: they stay (a step-number sort would otherwise delete the one just written)."""
+    if keep <= 0:
+        return
+    steps = {p: _step_of(p) for p in root.glob("step-*") if p.is_dir()}
+    mine = sorted(p for p, n in steps.items() if n is not None and n <= step)
+    later = sorted(p.name for p, n in steps.items() if n is not None and n > step)
+    if later:
+        log.warning("checkpoints of later steps, from an earlier run, stay in %s: %s", root, ", ".join(later))
+    for old in mine[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int | None:
+    try:
+        return int(path.name.removeprefix("step-"))
+    except ValueError:
+        return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -201,17 +258,16 @@ def load_checkpoint(engines, checkpoint: Path) -> dict[str, Any]:
     else:
         ds.load_checkpoint(engines, str(checkpoint.parent), checkpoint.name)
     rng_file = checkpoint / f"rng_rank{dist.rank()}.pt"
-    if state.get("world_size") == dist.world_size() and rng_file.is_file():
+    if state.get("world_size") != dist.world_size():
+        log.warning("resume: world size changed (%s -> %d); RNG streams restart and per-rank tensors are "
+                    "not restored", state.get("world_size"), dist.world_size())  # fmt: skip
+    elif not rng_file.is_file():
+        log.warning("resume: %s is missing; this rank's RNG streams restart", rng_file)
+    else:
         set_rng_state(torch.load(rng_file, weights_only=True))
         tensors = checkpoint / f"tensors_rank{dist.rank()}.safetensors"
         if tensors.is_file():
             state["rank_tensors"] = load_file(tensors)
-    else:
-        log.warning(
-            "resume: world size changed (%s -> %d); RNG streams restart",
-            state.get("world_size"),
-            dist.world_size(),
-        )
     return state
 
 
@@ -235,8 +291,15 @@ def resume_state(engines, run_dir: Path) -> dict[str, Any]:
 
 
 def newest_export(runs_dir: str | Path, stage: str) -> Path | None:
-    """The newest complete export of a stage's runs (`<runs_dir>/<stage>/*/export`), or None."""
-    found = sorted(Path(runs_dir, stage).glob(f"*/export/{EXPORT_INFO}"), key=lambda p: p.stat().st_mtime)
+    """The newest complete export of a stage's runs (`<runs_dir>/<stage>/*/export`), or None.
+
+    A run that crashed between the two renames of `_swap_in` has its previous export in `export.old`
+    and no `export`: that one counts.
+    """
+    found = list(Path(runs_dir, stage).glob(f"*/export/{EXPORT_INFO}"))
+    found += [p for p in Path(runs_dir, stage).glob(f"*/export.old/{EXPORT_INFO}")
+              if not (p.parent.parent / "export").exists()]  # fmt: skip
+    found.sort(key=lambda p: p.stat().st_mtime)
     return found[-1].parent if found else None
 
 
@@ -272,6 +335,7 @@ def export_model(
         for name, text in (extra_files or {}).items():  # e.g. reward statistics, inside the atomic swap
             (tmp / name).write_text(text, encoding="utf-8")
         atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2))
+        fsync_tree(tmp)
         _swap_in(tmp, out_dir)
         log.info("exported to %s", out_dir)
     dist.barrier()
@@ -299,9 +363,12 @@ def _save_plain(model, tokenizer, path: Path) -> None:
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp`. Between the two renames only `<final>.old` holds the previous export
+    (`newest_export` reads it there); a crashed swap left it too, and it goes once `tmp` is in place."""
     old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)

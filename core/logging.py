@@ -164,11 +164,7 @@ class MetricsLogger:
         for name in (METRICS_FILE, SAMPLES_FILE):
             path = self.run_dir / name
             if path.is_file():
-                rows = [
-                    r
-                    for r in path.read_text(encoding="utf-8").splitlines()
-                    if r and json.loads(r)["step"] <= step
-                ]
+                rows = [r for r in path.read_text(encoding="utf-8").splitlines() if _step(r, path) <= step]
                 tmp = path.with_name(f".{name}.tmp")
                 tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
                 os.replace(tmp, path)
@@ -220,3 +216,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def _step(row: str, path: Path) -> float:
+    """A log row's step; a row a crash cut short (or a blank line) reads as after every step: dropped."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        if row.strip():
+            log.warning("%s: dropping a row that does not parse (cut short by a crash?): %.80s", path, row)
+        return math.inf

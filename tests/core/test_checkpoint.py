@@ -1,14 +1,18 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from core.checkpoint import (
+    EXPORT_INFO,
     LATEST,
     TRAINER_STATE,
     atomic_write_text,
     check_resume_layout,
     latest_checkpoint,
+    newest_export,
     resume_layout_error,
+    save_checkpoint,
 )
 from core.deepspeed import ConfigError
 
@@ -91,3 +95,50 @@ def test_a_checkpoint_from_another_rank_count_stops_with_what_to_do(tmp_path):
     # a stage-0 checkpoint goes on under more ranks at stage 0, and the same layout always does
     check_resume_layout(FakeEngine(0), ckpt, {"step": 10, "world_size": 1, "zero_stages": {"model": 0}})
     check_resume_layout(FakeEngine(3), ckpt, {"step": 10, "world_size": 1, "zero_stages": {"model": 3}})
+
+
+class StubEngine:
+    """What save_checkpoint asks of a DeepSpeed engine: its shards under save_dir/tag, and its stage."""
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "shard.pt").write_text("x")
+
+    def zero_optimization_stage(self):
+        return 0
+
+
+def test_pruning_keeps_the_checkpoint_just_written_beside_an_earlier_runs_later_ones(tmp_path):
+    # an earlier run in the same directory got to steps 75 and 100; a fresh run saves at 25, 50, 75
+    for step in (75, 100):
+        make_ckpt(tmp_path, f"step-{step:08d}")
+    engines = {"actor": StubEngine()}
+    for step in (25, 50):
+        final = save_checkpoint(engines, tmp_path, step, {}, keep=2)
+        assert (final / TRAINER_STATE).is_file() and latest_checkpoint(tmp_path) == final
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert names == ["step-00000025", "step-00000050", "step-00000075", "step-00000100"]
+    save_checkpoint(engines, tmp_path, 75, {}, keep=2)  # replaces the earlier run's 75, prunes 25
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert names == ["step-00000050", "step-00000075", "step-00000100"]
+    assert json.loads((tmp_path / "checkpoints" / "step-00000075" / TRAINER_STATE).read_text())["step"] == 75
+    assert latest_checkpoint(tmp_path).name == "step-00000075"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_newest_export_reads_the_previous_export_left_by_a_crashed_swap(tmp_path):
+    def export(run, name):
+        d = tmp_path / "sft" / run / name
+        d.mkdir(parents=True)
+        (d / EXPORT_INFO).write_text("{}")
+        return d
+
+    older = export("a", "export")
+    assert newest_export(tmp_path, "sft") == older
+    # run b crashed between renaming export -> export.old and export.tmp -> export
+    crashed = export("b", "export.old")
+    export("b", "export.tmp")
+    assert newest_export(tmp_path, "sft") == crashed
+    # once its swap completes, its new export is the one, and export.old is not considered
+    swapped = export("b", "export")
+    assert newest_export(tmp_path, "sft") == swapped

@@ -40,3 +40,16 @@ def test_metrics_jsonl_and_offline_wandb_run(monkeypatch, tmp_path):
     assert runs, "wandb wrote no offline run"
     saved = "".join(p.read_text(errors="ignore") for p in runs[0].rglob("config.yaml"))
     assert "secret" not in saved
+
+
+def test_rewind_drops_later_rows_and_a_row_cut_short(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a": 3}\n')
+    (tmp_path / "samples.jsonl").write_text('{"step": 1, "prompt": "p"}\n{"step": 2, "a"')  # a crash mid-row
+    logger = MetricsLogger(tmp_path, backend="none", config={}, project="test", entity=None, group=None, name=None,
+                           mode="auto", job_type="ppo", tags=[], total_steps=3)  # fmt: skip
+    logger.rewind(2)
+    logger.log({"a": 3.5}, step=3)
+    logger.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (tmp_path / "samples.jsonl").read_text() == '{"step": 1, "prompt": "p"}\n'
