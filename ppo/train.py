@@ -99,9 +99,7 @@ class PPORecipe:
         transformers.set_seed(cfg.train.seed + 1 + dist.rank())  # then each rank samples its own responses
         self.kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.score_moments = RunningMoments()
-        self.ema = (
-            [s.detach().float().clone() for s in ds.local_shards(self.actor)] if cfg.ppo.ema_decay else None
-        )
+        self.ema = self._actor_copy() if cfg.ppo.ema_decay else None
         config = OmegaConf.to_container(cfg, resolve=True)
         self.logger = MetricsLogger.from_group(
             self.run_dir, cfg.logger, config, cfg.train.max_steps, job_type="ppo"
@@ -625,6 +623,10 @@ class PPORecipe:
             out["eval/gold_reward"] = gold / max(n, 1)
         return out
 
+    def _actor_copy(self) -> list[torch.Tensor]:
+        """An fp32 copy of this rank's shards of the actor's weights (where the EMA starts)."""
+        return [s.detach().float().clone() for s in ds.local_shards(self.actor)]
+
     def _ema_update(self) -> None:
         if self.ema is None:
             return
@@ -652,7 +654,11 @@ class PPORecipe:
             self.ptx.calls = state["ptx_calls"]
         if self.ema is not None:
             saved = state.get("rank_tensors", {})
-            self.ema = [saved[f"ema.{i}"].to(e.device) for i, e in enumerate(self.ema)] if saved else self.ema
+            if saved:
+                self.ema = [saved[f"ema.{i}"].to(e.device) for i, e in enumerate(self.ema)]
+            else:  # another world size (ZeRO-0 resumes under any), or a checkpoint saved without an EMA
+                log.warning("resume: no saved EMA for this rank; it restarts from the resumed actor")
+                self.ema = self._actor_copy()
         self.logger.rewind(self.step)
 
     def export(self) -> None:

@@ -4,6 +4,7 @@ The SFT and reward exports PPO starts from are trained once per module (about a 
 """
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,17 @@ def test_killed_run_resumes_to_the_same_result(exports, tmp_path):
     last = lambda run, key: metric_series(read_metrics(run), key)[-1]  # noqa: E731
     for key in ("ppo/kl_coef", "ppo/reward", "eval/reward"):
         assert last(killed, key) == pytest.approx(last(straight, key), rel=1e-5)
+    # a checkpoint without this rank's EMA (written under another world size): the EMA restarts from
+    # the resumed actor, not from the SFT weights it was first copied from (no steps left: export only)
+    no_ema = tmp_path / "no_ema"
+    shutil.copytree(straight, no_ema)
+    for f in (no_ema / "checkpoints").glob("step-*/tensors_rank*.safetensors"):
+        f.unlink()
+    proc = run_stage("ppo", *args, "train.resume=true", f"hydra.run.dir={no_ema}")
+    assert "no saved EMA for this rank" in proc.stdout + proc.stderr
+    actor, ema = (load_file(no_ema / export / "model.safetensors") for export in ("export", "export_ema"))
+    for k in actor:
+        torch.testing.assert_close(ema[k], actor[k], atol=0, rtol=0)
 
 
 @pytest.mark.distributed
