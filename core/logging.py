@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-# a key with one of these words in it (api_key, hub_token, WANDB_API_KEY; not tokenizer)
+# a key with one of these words in it (api_key, hub_token, WANDB_API_KEY, hfToken; not tokenizer)
 _SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}
 
 
 def _is_secret_key(key: Any) -> bool:
-    return not _SECRET_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", str(key).lower()))
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key))  # camelCase -> camel_Case
+    return not _SECRET_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", words.lower()))
 
 
 def redact_secrets(value: Any) -> Any:

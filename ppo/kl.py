@@ -26,8 +26,11 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     if estimator == "k2":
         return 0.5 * log_ratio.square()
     if estimator == "k3":
-        # clamp: exp(-log_ratio) overflows for tokens the reference finds very unlikely
-        return torch.expm1(-log_ratio.clamp(min=-20.0)) + log_ratio
+        # clamp both terms: exp(-log_ratio) overflows where the policy finds a token far less likely than
+        # the reference; clamping the exponent alone would leave the gradient of the linear term, +1,
+        # pushing such a token further away from the reference when k3 is a loss (ppo.kl_in=loss)
+        log_ratio = log_ratio.clamp(min=-20.0)
+        return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"ppo.kl_estimator must be one of {ESTIMATORS}, got {estimator!r}")
 
 

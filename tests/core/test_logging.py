@@ -21,10 +21,19 @@ def test_secrets_are_redacted():
         "hub_token": "t",
         "n": {"password": "x", "tokens": 3, "WANDB_API_KEY": "k", "secret-token": "s"},
         "model": {"tokenizer": "gpt2", "num_key_value_heads": 4, "keyframes": "k"},
+        "camel": {
+            "hfToken": "t",
+            "accessToken": "a",
+            "apiKey": "k",
+            "tokenizerName": "gpt2",
+            "monkeyBars": "m",
+        },
     }
     assert redact_secrets(cfg) == {"logger": {"api_key": "***", "project": "p"}, "hub_token": "***",
                                    "n": {"password": "***", "tokens": 3, "WANDB_API_KEY": "***", "secret-token": "***"},
-                                   "model": {"tokenizer": "gpt2", "num_key_value_heads": 4, "keyframes": "k"}}  # fmt: skip
+                                   "model": {"tokenizer": "gpt2", "num_key_value_heads": 4, "keyframes": "k"},
+                                   "camel": {"hfToken": "***", "accessToken": "***", "apiKey": "***",
+                                             "tokenizerName": "gpt2", "monkeyBars": "m"}}  # fmt: skip
 
 
 def test_metrics_jsonl_and_offline_wandb_run(monkeypatch, tmp_path):

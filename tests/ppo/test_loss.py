@@ -100,6 +100,18 @@ def test_kl_estimators_by_hand():
         kl_estimate(logp, ref, "k4")
 
 
+def test_k3_as_a_loss_never_pushes_away_from_the_reference():
+    # d k3 / d log_ratio = 1 - exp(-log_ratio): negative below 0 (raise log pi towards the reference);
+    # far below, past the overflow clamp, it may vanish but must not turn positive
+    log_ratio = torch.tensor([-1.0, -19.0, -30.0, -200.0], requires_grad=True)
+    k3 = kl_estimate(log_ratio, torch.zeros(4), "k3")
+    k3.sum().backward()
+    assert torch.isfinite(k3).all()
+    assert log_ratio.grad[0].item() == pytest.approx(1 - math.exp(1))
+    assert log_ratio.grad[1].item() == pytest.approx(1 - math.exp(19), rel=1e-5)
+    assert (log_ratio.grad[2:] <= 0).all(), log_ratio.grad
+
+
 def test_kl_estimators_are_unbiased_where_claimed():
     # sample from p, estimate KL(p || q) for two categoricals; k1 and k3 are unbiased
     torch.manual_seed(0)
