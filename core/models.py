@@ -484,7 +484,7 @@ def build_model(model_cfg, peft_cfg, tokenizer, precision: str, *, head: str) ->
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout to p = 0 (as TRL and OpenRLHF do for PPO).
+    """Set every dropout to p = 0 (as TRL and OpenRLHF do for PPO), the attention's own rate included.
 
     With dropout, the update's forward would not reproduce the rollout's log-probs and values
     even before any step, so PPO's ratio would start away from 1.
@@ -492,6 +492,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # attention layers that pass a rate to the attention function (Llama's, Qwen's: `attention_dropout`)
+        for name, value in vars(module).items():
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -90,6 +90,22 @@ def test_disable_dropout_sets_every_dropout_to_zero():
     torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_disable_dropout_also_zeroes_the_attention_rate_of_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.models import disable_dropout
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, attention_dropout=0.5, attn_implementation="eager")  # fmt: skip
+    model = LlamaForCausalLM(config).train()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.manual_seed(0)
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # a plain float rate, no nn.Dropout
+    disable_dropout(model)
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert model.config.attention_dropout == 0.5  # the export keeps the model's own config
+
+
 def test_forward_flops_counts_the_layers_and_attention_of_the_config():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
