@@ -137,8 +137,10 @@ class PPORecipe:
         with open_dict(c):  # fill in the resolved paths (they are logged with the config)
             c.actor.name_or_path = c.actor.name_or_path or newest_export(c.runs_dir, "sft")
             c.reward_model.name_or_path = c.reward_model.name_or_path or newest_export(c.runs_dir, "reward")
-            c.ref.name_or_path = c.ref.name_or_path or c.actor.name_or_path
-            c.critic.name_or_path = c.critic.name_or_path or c.reward_model.name_or_path
+            for role, source in ((c.ref, c.actor), (c.critic, c.reward_model)):
+                if role.name_or_path is None:  # the same checkpoint, loaded the same way
+                    for key in ("name_or_path", "revision", "trust_remote_code", "attn_implementation"):
+                        role[key] = source[key]
         log.info("models: actor %s | ref %s | critic %s | reward %s", c.actor.name_or_path,
                  c.ref.name_or_path if c.peft.type == "none" else "actor with adapters off",
                  c.critic.name_or_path, c.reward_model.name_or_path)  # fmt: skip
@@ -313,6 +315,10 @@ class PPORecipe:
         prompt_ids, prompt_mask = ro.pad_rows(prompts, self.pad_id, "left", self.device)
         self.actor.eval()
         gather = r.gather_once and self.actor_zero3
+        # ZeRO-3 on several ranks: each rank runs as many forwards as the one that stops last. Per-layer
+        # gathering all-gathers in every forward; gathered once, DeepSpeed's root forward hook still
+        # makes broadcasts while it records the module order, and those must pair up across ranks too.
+        synced = self.actor_zero3 and self.world > 1
         with (
             ds.gathered_for_generation(self.actor, gather) as module,
             self._lora_merged(module, gather),
@@ -321,7 +327,7 @@ class PPORecipe:
             response, logprobs, entropy = ro.sample(
                 module, prompt_ids, prompt_mask, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
                 temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_id=self.eos_id, pad_id=self.pad_id,
-                stop_at_eos=r.stop_at_eos, synced_gpus=self.actor_zero3 and not gather and self.world > 1,
+                stop_at_eos=r.stop_at_eos, synced_gpus=synced,
             )  # fmt: skip
         self.actor.train()
         return prompt_ids, prompt_mask, response, logprobs, entropy

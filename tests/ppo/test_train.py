@@ -47,3 +47,18 @@ def test_misspelt_choices_and_zero_epochs_are_refused():
         recipe("ppo.kl_estimator=k4")._check_choices()
     with pytest.raises(ConfigError, match="ppo.epochs must be at least 1; got 0"):
         recipe("ppo.epochs=0")._check_choices()
+
+
+def test_a_reference_or_critic_without_a_path_loads_its_sources_checkpoint_the_same_way():
+    r = recipe("actor.name_or_path=org/policy", "actor.revision=v1", "actor.attn_implementation=eager",
+               "reward_model.name_or_path=org/rm", "reward_model.trust_remote_code=true",
+               "ref.name_or_path=null", "critic.name_or_path=null")  # fmt: skip
+    r._resolve_paths()
+    c = r.cfg
+    assert (c.ref.name_or_path, c.ref.revision, c.ref.attn_implementation) == ("org/policy", "v1", "eager")
+    assert (c.critic.name_or_path, c.critic.trust_remote_code, c.critic.revision) == ("org/rm", True, None)
+    # a reference given by path keeps its own settings
+    r = recipe("actor.name_or_path=org/policy", "actor.revision=v1", "reward_model.name_or_path=org/rm",
+               "ref.name_or_path=org/other")  # fmt: skip
+    r._resolve_paths()
+    assert (r.cfg.ref.name_or_path, r.cfg.ref.revision) == ("org/other", None)
