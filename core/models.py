@@ -412,17 +412,19 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     many layers run prepacked.
     """
     layers = [m for m in model.modules() if _packable(m)] if has_onednn_linear() else []
-    for layer in layers:
-        packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
-
-        def forward(x, packed=packed, bias=layer.bias):
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-        layer.forward = forward  # the instance attribute shadows nn.Linear.forward until deleted
+    patched = []
     try:
+        for layer in layers:
+            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
+
+            def forward(x, packed=packed, bias=layer.bias):
+                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+            layer.forward = forward  # the instance attribute shadows nn.Linear.forward until deleted
+            patched.append(layer)
         yield len(layers)
     finally:
-        for layer in layers:
+        for layer in patched:
             del layer.forward
 
 

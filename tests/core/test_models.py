@@ -156,3 +156,20 @@ def test_prepacked_linears_generate_the_same_and_give_the_layers_back():
     assert down.forward is own
     with prepacked_linears(model.to(torch.bfloat16), rows=4) as n:
         assert n == 0  # fp32 only
+
+
+def test_prepacked_linears_give_back_the_layers_packed_before_a_packing_fails(monkeypatch):
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))  # fmt: skip
+    reorder, calls = torch.ops.mkldnn._reorder_linear_weight, []
+
+    def fails_third(weight, rows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("oneDNN could not pack")
+        return reorder(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", fails_third)
+    with pytest.raises(RuntimeError, match="could not pack"), prepacked_linears(model, rows=4):
+        pass
+    assert len(calls) == 3 and not any("forward" in vars(m) for m in model.modules())
