@@ -191,15 +191,19 @@ def compose_stage(
     return cfg
 
 
-def stage_key(stage: str, cfg: DictConfig, upstream_keys: dict[str, str]) -> str:
-    """sha256 of the resolved stage config (without UNHASHED parts) and the keys of its inputs.
+def stage_key(
+    stage: str, cfg: DictConfig, upstream_keys: dict[str, str], handoff: dict[str, str], world: str
+) -> str:
+    """sha256 of the resolved stage config (without UNHASHED parts), the keys of its inputs and the
+    ranks it runs on (`world`: the global batch, and PPO's number of updates, scale with them).
 
-    A handed-over model path counts by its stage's key, not its location, so a run directory
-    that is moved or copied is still up to date.
+    A handed-over model path (`handoff`: role -> the upstream export's path) counts by its stage's
+    key, not its location, so a run directory that is moved or copied is still up to date; a path
+    the user put in its place counts as itself.
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     for role, upstream in HANDOFF.get(stage, {}).items():
-        if upstream in upstream_keys:
+        if upstream in upstream_keys and plain[role]["name_or_path"] == handoff.get(role):
             plain[role]["name_or_path"] = f"<{upstream} export>"
     for dotted in UNHASHED:
         *parents, leaf = dotted.split(".")
@@ -207,7 +211,8 @@ def stage_key(stage: str, cfg: DictConfig, upstream_keys: dict[str, str]) -> str
         for p in parents:
             node = node.get(p, {})
         node.pop(leaf, None)
-    blob = json.dumps({"stage": stage, "config": plain, "inputs": upstream_keys}, sort_keys=True, default=str)
+    blob = json.dumps({"stage": stage, "config": plain, "inputs": upstream_keys, "world": world}, sort_keys=True,
+                      default=str)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -253,18 +258,33 @@ def stage_lock(stage_dir: Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------- launching
 
 
+def ranks_per_node(launcher: DictConfig) -> int | None:
+    """Processes per node the launcher starts for a stage; None: one plain process, no launcher."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if not gpus and launcher.num_procs <= 1 and not launcher.hostfile:
+        return None
+    return (launcher.num_gpus or gpus) if gpus else launcher.num_procs
+
+
+def world_description(launcher: DictConfig) -> str:
+    """The ranks a stage runs on, as its key counts them (`stage_key`)."""
+    procs = ranks_per_node(launcher)
+    if procs is None:
+        return "1"
+    return f"{procs} per node" + (f", nodes of {launcher.hostfile}" if launcher.hostfile else "")
+
+
 def stage_command(stage: str, stage_dir: Path, launcher: DictConfig) -> list[str]:
     """`python -m <stage>` or `deepspeed ... --module <stage>`, reading the config written in stage_dir."""
     args = [
         "--config-dir", str(stage_dir.resolve()), "--config-name", STAGE_CONFIG,
         f"hydra.run.dir={stage_dir.resolve()}", f"hydra.job.name={stage}",
     ]  # fmt: skip
-    import torch
-
-    gpus = torch.cuda.device_count()
-    if not gpus and launcher.num_procs <= 1 and not launcher.hostfile:
+    procs = ranks_per_node(launcher)
+    if procs is None:
         return [sys.executable, "-m", stage, *args]
-    procs = (launcher.num_gpus or gpus) if gpus else launcher.num_procs
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs)]
     if launcher.hostfile:
         cmd += ["--hostfile", launcher.hostfile]
@@ -361,7 +381,7 @@ class Pipeline:
             stage_cfg = compose_stage(
                 stage, OmegaConf.to_container(self.cfg[stage]), handoff, self.cfg.data_root
             )
-            keys[stage] = stage_key(stage, stage_cfg, inputs)
+            keys[stage] = stage_key(stage, stage_cfg, inputs, handoff, world_description(self.cfg.launcher))
             dirs[stage] = self.stage_dir(stage, keys[stage])
             plans.append((stage, stage_cfg, inputs))
         # 2. run, resume or skip each stage in order

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from core.checkpoint import atomic_write_text  # noqa: E402
+from core.checkpoint import EXPORT_INFO, atomic_write_text  # noqa: E402
 from core.logging import METRICS_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,10 @@ def write_report(run_dir: Path, stage_dirs: dict[str, Path], stages: dict[str, d
 
 
 def _evaluate(
-    cfg: DictConfig, run_dir: Path, stage_dirs: dict[str, Path], keys: dict[str, str]
+    cfg: DictConfig, run_dir: Path, stage_dirs: dict[str, Path], keys: dict[str, str], ppo_ran: bool
 ) -> dict | None:
-    """The gold evaluation of the PPO export (cached in eval.json under the PPO stage's key)."""
+    """The gold evaluation of the PPO export (cached in eval.json under the PPO stage's key, for as
+    long as PPO is skipped: a forced or resumed PPO run writes a new export under the same key)."""
     from core import evaluate
 
     ppo_dir = stage_dirs.get("ppo")
@@ -212,12 +213,17 @@ def _evaluate(
         json.dumps([keys["ppo"], OmegaConf.to_container(cfg.eval)]).encode()
     ).hexdigest()
     cached = run_dir / EVAL_JSON
-    if cached.is_file() and json.loads(cached.read_text()).get("key") == eval_key:
+    if not ppo_ran and cached.is_file() and json.loads(cached.read_text()).get("key") == eval_key:
         log.info("evaluation: up to date in %s", cached)
         return json.loads(cached.read_text())["result"]
     start = time.perf_counter()
-    # the SFT export of this run (wherever the run directory now is), else PPO's reference as given
-    baseline = str(stage_dirs["sft"] / "export") if "sft" in stage_dirs else ppo_cfg.ref.name_or_path
+    # the SFT export of this run (wherever the run directory now is), else the reference PPO resolved
+    # and recorded with its export (a null `ref` follows the actor, wherever that came from)
+    baseline = (
+        str(stage_dirs["sft"] / "export")
+        if "sft" in stage_dirs
+        else json.loads((ppo_dir / "export" / EXPORT_INFO).read_text())["ref"]
+    )
     result = evaluate.compare(
         ppo_dir / "export", baseline, baseline,
         samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed,
@@ -233,7 +239,8 @@ def finish(cfg: DictConfig, run_dir: Path, result: dict[str, Any]) -> dict[str, 
     """Evaluate, write the report, print where it is; returns report.json's content."""
     stage_dirs: dict[str, Path] = result["stage_dirs"]
     keys = {s: v["key"] for s, v in result["stages"].items()}
-    evaluation = _evaluate(cfg, run_dir, stage_dirs, keys)
+    ppo_ran = result["stages"].get("ppo", {}).get("action", "skip") != "skip"
+    evaluation = _evaluate(cfg, run_dir, stage_dirs, keys, ppo_ran)
     summary = write_report(
         run_dir, stage_dirs, result["stages"], evaluation, time.perf_counter() - result["start"]
     )

@@ -85,15 +85,19 @@ def test_compose_stage_values_groups_alias_and_typos():
 
 
 def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
+    here, there = {"model": "/a/sft/export"}, {"model": "/elsewhere/sft/export"}
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        a = pipeline.compose_stage("reward", {}, {"model": "/a/sft/export"}, "/d")
+        a = pipeline.compose_stage("reward", {}, here, "/d")
         b = pipeline.compose_stage("reward", {"logger": {"group": "g"}, "train": {"resume": True, "keep_freed_memory": False}},
-                                   {"model": "/elsewhere/sft/export"}, "/d")  # fmt: skip
-        c = pipeline.compose_stage("reward", {"optim": {"lr": 1e-3}}, {"model": "/a/sft/export"}, "/d")
-    key = pipeline.stage_key("reward", a, {"sft": "k1"})
-    assert key == pipeline.stage_key("reward", b, {"sft": "k1"})
-    assert key != pipeline.stage_key("reward", c, {"sft": "k1"})  # a training value
-    assert key != pipeline.stage_key("reward", a, {"sft": "k2"})  # a different SFT upstream
+                                   there, "/d")  # fmt: skip
+        c = pipeline.compose_stage("reward", {"optim": {"lr": 1e-3}}, here, "/d")
+        d = pipeline.compose_stage("reward", {"model": {"name_or_path": "/my/own/model"}}, here, "/d")
+    key = pipeline.stage_key("reward", a, {"sft": "k1"}, here, "1")
+    assert key == pipeline.stage_key("reward", b, {"sft": "k1"}, there, "1")
+    assert key != pipeline.stage_key("reward", c, {"sft": "k1"}, here, "1")  # a training value
+    assert key != pipeline.stage_key("reward", a, {"sft": "k2"}, here, "1")  # a different SFT upstream
+    assert key != pipeline.stage_key("reward", d, {"sft": "k1"}, here, "1")  # the user's model, not SFT's
+    assert key != pipeline.stage_key("reward", a, {"sft": "k1"}, here, "2 per node")  # another global batch
 
 
 def test_stage_command_in_process_or_under_the_launcher(tmp_path):
@@ -179,8 +183,21 @@ def test_rerun_skips_done_stages_and_reruns_what_changed(copy_of):
     run_pipeline(f"hydra.run.dir={run}", "ppo.kl_coef=0.2")  # a PPO key: PPO only
     assert actions(run) == {"sft": "skip", "reward": "skip", "ppo": "run"}
     assert OmegaConf.load(run / "ppo" / "pipeline_stage_config.yaml").ppo.kl_coef == 0.2
+    evaluated = (run / "eval.json").stat().st_mtime
     run_pipeline(f"hydra.run.dir={run}", "ppo.kl_coef=0.2", "pipeline.from_stage=reward")
     assert actions(run) == {"sft": "skip", "reward": "run", "ppo": "run"}
+    assert (run / "eval.json").stat().st_mtime > evaluated  # the same keys, but a new PPO export
+
+
+def test_a_pipeline_of_ppo_alone_evaluates_against_the_reference_ppo_used(copy_of):
+    run = copy_of
+    sft, rm = (str((run / s / "export").resolve()) for s in ("sft", "reward"))
+    run_pipeline(f"hydra.run.dir={run}/alone", "pipeline.stages=[ppo]", f"ppo.actor.name_or_path={sft}",
+                 f"ppo.reward_model.name_or_path={rm}")  # fmt: skip
+    report = json.loads((run / "alone" / "report.json").read_text())
+    assert actions(run / "alone") == {"ppo": "run"} and isinstance(report["win_rate"], float)
+    result = json.loads((run / "alone" / "eval.json").read_text())["result"]
+    assert result["baseline"] == sft and result["baseline_name"] == "reference"
 
 
 def test_a_killed_stage_resumes(copy_of):
