@@ -124,10 +124,15 @@ class PromptFormatter:
             raise DataError(f"data.loss_on must be 'responses' or 'all', got {loss_on!r}")
         ids = list(self.bos_ids)
         labels = [IGNORE_INDEX] * len(ids)
-        for text, is_reply in self.segments(conversation.messages):
+        segments = self.segments(conversation.messages)
+        for i, (text, is_reply) in enumerate(segments):
             piece = self._ids(text)
             if is_reply and self.eos_id not in piece:
                 piece.append(self.eos_id)
+            elif is_reply and i == len(segments) - 1:
+                # a template's text after the final EOS (ChatML's newline) is no part of the reply: a
+                # generation stops at the EOS, and a reward model reads its score there (PPO too)
+                piece = piece[: len(piece) - piece[::-1].index(self.eos_id)]
             ids += piece
             labels += piece if (is_reply or loss_on == "all") else [IGNORE_INDEX] * len(piece)
         truncated = len(ids) > max_len

@@ -142,5 +142,6 @@ def test_real_chat_template_qwen2(shared_data):
     c = conv(("user", "What is 2+2?"), ("assistant", "4"), ("user", "And 3+3?"), ("assistant", "6"))
     enc = f.encode(c, 256)
     text = tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
-    assert text == "4<|im_end|>\n6<|im_end|>\n"
-    assert enc.labels.count(tok.eos_token_id) == 2
+    # between turns the template's newline stays; after the last EOS, where generation stops, it goes
+    assert text == "4<|im_end|>\n6<|im_end|>"
+    assert enc.labels.count(tok.eos_token_id) == 2 and enc.input_ids[-1] == tok.eos_token_id
