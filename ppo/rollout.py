@@ -15,6 +15,8 @@ import torch
 
 from core import models
 from data.collate import PackedSequences, pack_sequences
+from data.formats import Conversation, Message
+from data.templates import PromptFormatter
 from ppo.loss import entropy_from_logits
 
 
@@ -220,6 +222,25 @@ def sequence_scores(model, head, seqs: Sequences) -> torch.Tensor:
         return values.gather(1, models.last_index(seqs.mask)[:, None]).squeeze(1)
     rows = seqs.packed
     return rows.gather(models.token_scores(model, head, rows.input_ids, position_ids=rows.position_ids))
+
+
+def retokenised(
+    formatter: PromptFormatter, prompts: list[tuple[Message, ...]], texts: list[str], complete: list[bool],
+    max_len: int | None,
+) -> list[list[int]]:  # fmt: skip
+    """[prompt | response] token ids for a reward model with a tokenizer of its own, one list per row.
+
+    A response that ended with the policy's EOS ends with the reward model's (its formatter closes a
+    reply with it); one cut off at max_new_tokens ends without, as on the shared-token path. Rows
+    longer than max_len (the reward model's positions) lose their start: the scored end stays.
+    """
+    rows = []
+    for prompt, text, done in zip(prompts, texts, complete):
+        ids = formatter.encode(Conversation((*prompt, Message("assistant", text))), max_len=10**9).input_ids
+        if not done and ids[-1] == formatter.eos_id:
+            ids = ids[:-1]
+        rows.append(ids[-max_len:] if max_len else ids)
+    return rows
 
 
 def pad_rows(

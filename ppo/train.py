@@ -27,7 +27,7 @@ from core.logging import MetricsLogger
 from data import imdb
 from data.builtin import task
 from data.collate import GlobalBatches
-from data.formats import Conversation, Message, load_prompts, split_train_eval
+from data.formats import Message, load_prompts, split_train_eval
 from data.templates import PromptFormatter
 from ppo import rollout as ro
 from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
@@ -354,8 +354,11 @@ class PPORecipe:
                 ids,
                 mask,
             )
-        rows = [self.rm_formatter.encode(Conversation((*p, Message("assistant", text))), max_len=10**9).input_ids
-                for p, text in zip(prompts, self.decode(response, response_mask))]  # fmt: skip
+        complete = ro.ends_with_eos(response, response_mask, self.eos_id).tolist()
+        positions = getattr(self.reward.module.config, "max_position_embeddings", None)
+        rows = ro.retokenised(
+            self.rm_formatter, prompts, self.decode(response, response_mask), complete, positions
+        )
         pad = self.rm_tokenizer.pad_token_id
         rm_ids, rm_mask = ro.pad_rows(rows, pad, "right", self.device)
         return self._chunked(

@@ -12,6 +12,7 @@ from ppo.rollout import (
     response_logprobs,
     response_mask,
     response_values,
+    retokenised,
     sequence_scores,
 )
 
@@ -184,3 +185,22 @@ def test_ranks_agree_on_packed_or_padded_rows():
     out = mp.Manager().dict()
     mp.spawn(_layout_on_rank, args=(free_port(), out), nprocs=2)
     assert out[0] == (True, False) and out[1] == (False, False)
+
+
+def test_retokenised_rows_close_only_the_responses_that_ended_with_eos():
+    from data.builtin.tokenizer import build_tokenizer
+    from data.formats import Message
+    from data.templates import PromptFormatter
+
+    tok = build_tokenizer()
+    f = PromptFormatter(
+        tok, chat_template="never", system="{content}", user="{content} :", assistant=" {content}"
+    )
+    prompt = (Message("user", "review the pizza ."),)
+    done, cut = retokenised(
+        f, [prompt, prompt], ["the crust was great .", "the crust was"], [True, False], None
+    )
+    assert done[-1] == tok.eos_token_id and done.count(tok.eos_token_id) == 1
+    assert cut == done[: len(cut)] and tok.eos_token_id not in cut  # the same start, no EOS made up
+    (short,) = retokenised(f, [prompt], ["the crust was great ."], [True], 4)
+    assert short == done[-4:]  # cut from the left: the scored end stays
