@@ -518,17 +518,42 @@ def load_preferences(
 # ----------------------------------------------------------------------------- prompts (PPO rollouts)
 
 
+def _ends_with_user(messages: tuple[Message, ...], where: str) -> tuple[Message, ...]:
+    if not messages or messages[-1].role != "user":
+        raise DataError(f"{where}: a prompt must end with a user turn, got {list(messages[-1:])}")
+    return messages
+
+
 def _prompt_only(row: dict, where: str) -> list[tuple[Message, ...]]:
-    return [_prompt_messages(row, where)]
+    return [_ends_with_user(_prompt_messages(row, where), where)]
+
+
+# the message-list SFT formats: (field, role key, text key)
+_CONVERSATION_FIELDS = {
+    "messages": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value"),
+}
 
 
 def _conversation_prompt(name: str) -> Callable[[dict[str, Any], str], list[tuple[Message, ...]]]:
-    """The prompt part of an SFT record: its messages before the final assistant reply."""
-    return lambda row, where: [SFT_FORMATS[name](row, where)[:-1]]
+    """The prompt part of an SFT record: its messages before the final assistant reply, or all of
+    them when a message list ends with a user turn (a prompt-only file in the same layout)."""
+
+    def parse(row: dict[str, Any], where: str) -> list[tuple[Message, ...]]:
+        if name in _CONVERSATION_FIELDS:
+            key, role, text = _CONVERSATION_FIELDS[name]
+            messages = parse_messages(require_list(row, key, where), where, key, role, text)
+            if messages and messages[-1].role == "assistant":
+                messages = messages[:-1]
+        else:
+            messages = SFT_FORMATS[name](row, where)[:-1]
+        return [_ends_with_user(messages, where)]
+
+    return parse
 
 
 def _preference_prompts(name: str) -> Callable[[dict[str, Any], str], list[tuple[Message, ...]]]:
-    return lambda row, where: [p.prompt for p in PREFERENCE_FORMATS[name](row, where)]
+    return lambda row, where: [_ends_with_user(p.prompt, where) for p in PREFERENCE_FORMATS[name](row, where)]
 
 
 PROMPT_FORMATS: dict[str, Callable[[dict[str, Any], str], list[tuple[Message, ...]]]] = {
@@ -568,8 +593,4 @@ def load_prompts(
     prompts, report = load_records(
         paths, fmt, PROMPT_FORMATS, detect_prompt_format, on_error=on_error, split=split
     )
-    unique = list(dict.fromkeys(prompts))  # a preference file repeats its prompt once per pair
-    for where, messages in ((str(paths), m) for m in unique):
-        if not messages or messages[-1].role != "user":
-            raise DataError(f"{where}: a prompt must end with a user turn, got {messages[-1:]}")
-    return unique, report
+    return list(dict.fromkeys(prompts)), report  # a preference file repeats its prompt once per pair

@@ -152,8 +152,10 @@ def test_load_prompts_from_every_prompt_bearing_format(tmp_path):
         "prompt": [{"prompt": "hi"}, {"prompt": [{"role": "user", "content": "hi"}]}],
         "sft:alpaca": [{"instruction": "hi", "output": "x"}],
         "sft:messages": [
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            {"messages": [{"role": "user", "content": "hi"}]},  # prompt-only, in the same layout
         ],
+        "sft:sharegpt": [{"conversations": [{"from": "human", "value": "hi"}]}],
         "pref:pairwise": [{"prompt": "hi", "chosen": "a", "rejected": "b"}],
         "pref:hh": [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}],
     }
@@ -163,3 +165,19 @@ def test_load_prompts_from_every_prompt_bearing_format(tmp_path):
         for given in (fmt, fmt.split(":")[-1], None):  # explicit, without its prefix, and detected
             prompts, _ = load_prompts(str(path), given)
             assert prompts == [(Message("user", "hi"),)], (fmt, given, prompts)  # deduplicated
+
+
+def test_a_prompt_that_does_not_end_with_a_user_turn_is_one_bad_record(tmp_path):
+    from data.formats import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    good = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    bad = {"messages": [{"role": "system", "content": "only a system turn"}]}
+    path.write_text("\n".join(json.dumps(r) for r in (good, bad)))
+    with pytest.raises(DataError, match=r"p.jsonl:2: a prompt must end with a user turn"):
+        load_prompts(str(path), "messages")
+    prompts, report = load_prompts(str(path), "messages", on_error="skip")
+    assert (
+        prompts == [(Message("system", "be brief"), Message("user", "hi"))]
+        and sum(report.skipped.values()) == 1
+    )
