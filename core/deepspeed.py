@@ -418,11 +418,21 @@ def gathered_for_generation(engine, enabled: bool) -> Iterator[torch.nn.Module]:
     if not enabled or engine.zero_optimization_stage() != 3:
         yield engine.module
         return
-    with unwrap_model_for_generation(engine) as unwrapped:
-        yield unwrapped.module
     coordinator = getattr(
         getattr(engine.optimizer, "parameter_offload", engine.optimizer), "param_coordinator", None
     )
+    with unwrap_model_for_generation(engine) as unwrapped:
+        # DeepSpeed keeps the root module's pre-forward hook, whose `reset_step` checks with every other
+        # rank (collectives) while no module order is recorded: once per decoding step, so a rank whose
+        # responses all stop early would leave the others waiting. With the weights whole there is
+        # nothing to record; the instance attribute shadows the method until deleted.
+        if coordinator is not None:
+            coordinator.reset_step = lambda: None
+        try:
+            yield unwrapped.module
+        finally:
+            if coordinator is not None:
+                del coordinator.reset_step
     if coordinator is not None and not coordinator.is_invalid_trace():
         coordinator._invalidate_trace()  # the recorded module order no longer matches (as TRL does)
 

@@ -315,10 +315,9 @@ class PPORecipe:
         prompt_ids, prompt_mask = ro.pad_rows(prompts, self.pad_id, "left", self.device)
         self.actor.eval()
         gather = r.gather_once and self.actor_zero3
-        # ZeRO-3 on several ranks: each rank runs as many forwards as the one that stops last. Per-layer
-        # gathering all-gathers in every forward; gathered once, DeepSpeed's root forward hook still
-        # makes broadcasts while it records the module order, and those must pair up across ranks too.
-        synced = self.actor_zero3 and self.world > 1
+        # per-layer gathering all-gathers in every forward: each rank runs as many as the one that stops
+        # last; gathered once, decoding makes no collective call (`ds.gathered_for_generation`)
+        synced = self.actor_zero3 and not gather and self.world > 1
         with (
             ds.gathered_for_generation(self.actor, gather) as module,
             self._lora_merged(module, gather),

@@ -10,7 +10,9 @@ from core.deepspeed import (
     build_config,
     clear_stale_build_locks,
     effective_stage,
+    gathered_for_generation,
     grad_norm,
+    model_init,
     train_engine,
     use_environment_op_cache,
 )
@@ -129,3 +131,32 @@ def test_a_frozen_zero3_config_turns_deepspeeds_linear_patch_off():
     assert frozen["zero_optimization"]["memory_efficient_linear"] is False
     trained = build_config(**{**BASE, "stage": 3})
     assert "memory_efficient_linear" not in trained["zero_optimization"]  # DeepSpeed's default (on)
+
+
+def test_generation_on_gathered_weights_makes_no_collective_call(monkeypatch):
+    """DeepSpeed's root pre-forward hook checks the module order with the other ranks (a collective)
+    on every forward while none is recorded: inside gathered_for_generation it must not, or ranks
+    that decode different numbers of tokens would leave those checks unpaired."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+
+    torch.manual_seed(0)
+    cfg = build_config(**{**BASE, "stage": 3, "grad_accum_steps": 1})
+    with model_init(cfg):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    engine = train_engine(model, cfg, weight_decay=0.0, warmup_steps=0, total_steps=10, min_lr_ratio=1.0)
+    assert engine.zero_optimization_stage() == 3
+    checks = []
+    check = ppc.assert_ints_same_as_other_ranks
+    monkeypatch.setattr(ppc, "assert_ints_same_as_other_ranks", lambda ints: checks.append(1) or check(ints))
+    ids = torch.randint(3, 32, (2, 5))
+    engine(input_ids=ids)  # a training-mode forward: the hook runs and checks, recording the order
+    assert checks
+    checks.clear()
+    with torch.no_grad(), gathered_for_generation(engine, enabled=True) as module:
+        out = module.generate(
+            input_ids=ids, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0
+        )
+    assert out.shape == (2, 11) and checks == []
+    engine(input_ids=ids)  # hooks and the coordinator's own reset_step are back
+    assert checks and "reset_step" not in vars(engine.optimizer.parameter_offload.param_coordinator)
