@@ -612,8 +612,8 @@ class PPORecipe:
     def evaluate(self) -> dict[str, float]:
         """Mean raw reward (and gold reward on the built-in task) of sampled responses to held-out prompts."""
         t = self.cfg.train
-        n = t.eval_batches * self.cfg.rollout.batch_size if t.eval_batches else len(self.eval_prompts)
-        prompts, ids = self.eval_prompts[:n], self.eval_ids[:n]
+        limit = t.eval_batches * self.cfg.rollout.batch_size if t.eval_batches else len(self.eval_prompts)
+        prompts, ids = self.eval_prompts[:limit], self.eval_ids[:limit]
         total = [0.0, 0.0, 0.0]  # reward sum, gold sum, count
         for chunk, real in eval_batches(len(ids), self.world, dist.rank(), self.local_batch):
             prompt_ids, prompt_mask, response, _, _ = self.generate([ids[i] for i in chunk])
