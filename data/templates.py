@@ -103,6 +103,17 @@ class PromptFormatter:
 
     # ------------------------------------------------------------------ ids
 
+    def keep_end(self, ids: list[int], max_len: int) -> list[int]:
+        """The last max_len of `ids` (a prompt's generation cue, a reply's scored EOS), with a leading
+        BOS kept: a model trained on text that starts with one reads a cut without it as a mid-document
+        continuation. Ids already within max_len are returned as they are."""
+        if len(ids) <= max_len:
+            return ids
+        bos = self.tokenizer.bos_token_id
+        if max_len > 1 and bos is not None and ids[0] == bos:
+            return [bos] + ids[len(ids) - max_len + 1 :]
+        return ids[len(ids) - max_len :]
+
     def _tokenize(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -232,14 +232,14 @@ def retokenised(
 
     A response that ended with the policy's EOS ends with the reward model's (its formatter closes a
     reply with it); one cut off at max_new_tokens ends without, as on the shared-token path. Rows
-    longer than max_len (the reward model's positions) lose their start: the scored end stays.
+    longer than max_len (the reward model's positions) lose their start after any BOS: the scored end stays.
     """
     rows = []
     for prompt, text, done in zip(prompts, texts, complete):
         ids = formatter.encode(Conversation((*prompt, Message("assistant", text))), max_len=10**9).input_ids
         if not done and ids[-1] == formatter.eos_id:
             ids = ids[:-1]
-        rows.append(ids[-max_len:] if max_len else ids)
+        rows.append(formatter.keep_end(ids, max_len) if max_len else ids)
     return rows
 
 

@@ -209,7 +209,7 @@ class PPORecipe:
 
     def _encode_prompt(self, messages: tuple[Message, ...]) -> list[int]:
         ids = self.formatter.encode_prompt(messages)
-        return ids[-self.cfg.data.max_len :]  # keep the end: the generation prompt must stay whole
+        return self.formatter.keep_end(ids, self.cfg.data.max_len)  # the generation cue must stay whole
 
     def _setup_models(self) -> None:
         c, t = self.cfg, self.cfg.train

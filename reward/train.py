@@ -161,13 +161,14 @@ class RewardRecipe:
         return list(pairs), encoded
 
     def _encode_reply(self, prompt: tuple[Message, ...], reply: str) -> list[int]:
-        """Prompt + reply + EOS, cut from the left to data.max_len: the scored end (the EOS) is always kept."""
+        """Prompt + reply + EOS, cut from the left to data.max_len: the scored end (the EOS) and a leading BOS
+        are always kept."""
         ids = self.formatter.encode(
             Conversation((*prompt, Message("assistant", reply))), max_len=10**9
         ).input_ids
         if len(ids) > self.cfg.data.max_len:
             self.num_truncated += 1
-            return ids[-self.cfg.data.max_len :]
+            return self.formatter.keep_end(ids, self.cfg.data.max_len)
         return ids
 
     def _check_packing(self) -> None:

@@ -145,3 +145,27 @@ def test_real_chat_template_qwen2(shared_data):
     # between turns the template's newline stays; after the last EOS, where generation stops, it goes
     assert text == "4<|im_end|>\n6<|im_end|>"
     assert enc.labels.count(tok.eos_token_id) == 2 and enc.input_ids[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_keep_end_cuts_from_the_left_but_keeps_the_bos(mode):
+    tok = build_tokenizer()  # adds a BOS, as Llama's tokenizer does
+    f = formatter(tok, mode)
+    ids = f.encode_prompt((Message("user", "the crust was great . the service was slow ."),))
+    assert ids[0] == tok.bos_token_id and len(ids) > 6
+    cut = f.keep_end(ids, 6)
+    assert cut == [tok.bos_token_id] + ids[-5:]  # the generation cue (the end) stays whole
+    assert f.keep_end(ids, len(ids)) == ids and f.keep_end(ids, 1) == ids[-1:]
+    no_bos = ids[1:]
+    assert f.keep_end(no_bos, 6) == no_bos[-6:]  # nothing to keep when the ids do not start with one
+
+
+def test_keep_end_keeps_the_llama2_bos(shared_data):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2-sentencepiece")
+    f = formatter(tok)
+    ids = f.encode_prompt((Message("user", "one two three four five six seven eight nine ten"),))
+    cut = f.keep_end(ids, 8)
+    assert len(cut) == 8 and cut[0] == tok.bos_token_id == 1 and cut[1:] == ids[-7:]
+    assert tok.decode(cut[1:]).endswith("### Response:\n")

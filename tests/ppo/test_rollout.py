@@ -203,4 +203,5 @@ def test_retokenised_rows_close_only_the_responses_that_ended_with_eos():
     assert done[-1] == tok.eos_token_id and done.count(tok.eos_token_id) == 1
     assert cut == done[: len(cut)] and tok.eos_token_id not in cut  # the same start, no EOS made up
     (short,) = retokenised(f, [prompt], ["the crust was great ."], [True], 4)
-    assert short == done[-4:]  # cut from the left: the scored end stays
+    assert done[0] == tok.bos_token_id
+    assert short == [tok.bos_token_id] + done[-3:]  # cut from the left after the BOS: the scored end stays
