@@ -55,10 +55,12 @@ class Policy:
     formatter: PromptFormatter
 
 
-def load_policy(path: str | Path, template: dict[str, str]) -> Policy:
-    """An export (its tokenizer beside it) as a plain fp32 model in eval mode."""
-    tokenizer = models.load_tokenizer(None, str(path), trust_remote_code=False)
-    model = models.load_model(str(path), {}, tokenizer, "fp32", head="lm").eval()
+def load_policy(path: str | Path, template: dict[str, str], trust_remote_code: bool = False) -> Policy:
+    """An export (its tokenizer beside it) as a plain fp32 model in eval mode. trust_remote_code: run
+    the export's own modelling code (a custom-code model's export carries it), as its PPO run did."""
+    tokenizer = models.load_tokenizer(None, str(path), trust_remote_code=trust_remote_code)
+    model = models.load_model(str(path), {}, tokenizer, "fp32", head="lm",
+                              trust_remote_code=trust_remote_code).eval()  # fmt: skip
     return Policy(model, tokenizer, PromptFormatter(tokenizer, **template))
 
 
@@ -73,7 +75,8 @@ def sample_responses(
     decodes on oneDNN-prepacked weights where the model allows it (`models.prepacked_linears`).
     """
     tok = policy.tokenizer
-    encoded = [policy.formatter.encode_prompt((Message("user", p),))[-max_prompt_len:] for p in prompts]
+    encoded = [policy.formatter.keep_end(policy.formatter.encode_prompt((Message("user", p),)), max_prompt_len)
+               for p in prompts]  # fmt: skip
     rows = [ids for ids in encoded for _ in range(n)]
     torch.manual_seed(seed)
     responses: list[list[int]] = []
@@ -153,11 +156,12 @@ def sentiment_judge(path: str, imdb_cfg: Any) -> Judge:
 def compare(
     policy_dir: str | Path, baseline_dir: str | Path, reference_dir: str | Path, prompts: list[str], judge: Judge, *,
     template: dict[str, str], sampling: Sampling, samples_per_prompt: int, seed: int, max_prompt_len: int,
-    num_report_samples: int,
+    num_report_samples: int, trust_remote_code: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Policy vs baseline on `prompts` by `judge`: win / tie / loss rates, mean scores (and positive shares
     for a sentiment judge), and the policy's KL from the reference on its own samples."""
-    policy, baseline = load_policy(policy_dir, template), load_policy(baseline_dir, template)
+    policy = load_policy(policy_dir, template, trust_remote_code)
+    baseline = load_policy(baseline_dir, template, trust_remote_code)
     n = samples_per_prompt
     p_rows, p_resp = sample_responses(policy, prompts, sampling, n, seed, max_prompt_len)
     _, b_resp = sample_responses(baseline, prompts, sampling, n, seed, max_prompt_len)
@@ -167,7 +171,7 @@ def compare(
     wins = sum(p > b for p, b in zip(p_score, b_score))
     ties = sum(p == b for p, b in zip(p_score, b_score))
     reference = baseline if Path(reference_dir).resolve() == Path(baseline_dir).resolve() else None
-    reference = reference or load_policy(reference_dir, template)
+    reference = reference or load_policy(reference_dir, template, trust_remote_code)
     lp = sequence_logprobs(policy.model, p_rows, p_resp, policy.tokenizer.pad_token_id, sampling.temperature)
     lp_ref = sequence_logprobs(reference.model, p_rows, p_resp, reference.tokenizer.pad_token_id,
                                sampling.temperature)  # fmt: skip
@@ -204,7 +208,8 @@ def resolve_judge(data: DictConfig, judge: str) -> str | None:
 
 
 def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
-    """The evaluation's prompts, judge and sampling from a PPO stage config (its held-out prompts, its rollout).
+    """The evaluation's prompts, judge, sampling and trust in model code from a PPO stage config (its
+    held-out prompts, its rollout, its actor's `trust_remote_code`: the exports are that actor's kind).
 
     judge: gold (the built-in task), sentiment (the IMDB classifier), or auto (gold on the built-in
     task, sentiment on IMDB data). Held-out prompts: the built-in task's, the IMDB `eval` part's
@@ -240,6 +245,7 @@ def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
             r.max_new_tokens, r.min_new_tokens, r.temperature, r.top_p, r.top_k, r.prepack_weights
         ),
         "max_prompt_len": d.max_len,
+        "trust_remote_code": bool(stage_cfg.actor.trust_remote_code),
     }
 
 
@@ -282,6 +288,8 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--num-report-samples", type=int, default=8)
     ap.add_argument("--judge", choices=JUDGES, default="auto",
                     help="gold (built-in task), sentiment (IMDB classifier); auto picks by the run's data")  # fmt: skip
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="run the exports' own modelling code (default: only if the PPO run's actor.trust_remote_code)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -292,6 +300,7 @@ def cli(argv: list[str]) -> None:
     if baseline is None:
         raise SystemExit(f"rlhf evaluate: {args.policy} does not name its reference; give --baseline DIR")
     settings = settings_from(_run_config(args.policy), args.judge)
+    settings["trust_remote_code"] |= args.trust_remote_code
     result = compare(
         args.policy, baseline, args.reference or baseline, samples_per_prompt=args.samples_per_prompt, seed=args.seed,
         num_report_samples=args.num_report_samples, **settings,

@@ -78,3 +78,7 @@ def test_run_config_is_the_runs_own_with_later_keys_from_the_defaults(tmp_path):
         defaults.rollout.max_new_tokens, defaults.rollout.min_new_tokens, 0.5, defaults.rollout.top_p,
         defaults.rollout.top_k, prepack_weights=False,
     )  # fmt: skip
+    assert settings_from(new)["trust_remote_code"] is False  # the run's actor setting, off by default
+    run["actor"]["trust_remote_code"] = True
+    OmegaConf.save(OmegaConf.create(run), tmp_path / "new" / "pipeline_stage_config.yaml")
+    assert settings_from(_run_config(tmp_path / "new" / "export"))["trust_remote_code"] is True
