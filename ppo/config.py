@@ -34,6 +34,7 @@ class RolloutConfig:
     gather_once: bool = MISSING
     prepack_weights: bool = MISSING
     prepack_frozen: bool = MISSING
+    recompute_logprobs: bool = MISSING
     micro_batch_size_per_device: int = MISSING
 
 

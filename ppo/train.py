@@ -376,13 +376,22 @@ class PPORecipe:
         self, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, width: int
     ) -> torch.Tensor:
         """log pi_ref of the response tokens [B, A]: the reference model, or the actor with LoRA off."""
-        T, n = self.cfg.rollout.temperature, self.cfg.rollout.micro_batch_size_per_device
-        model = self.actor if self.lora else self.ref
-        out = []
         with self.actor.module.disable_adapter() if self.lora else contextlib.nullcontext():
-            for k in range(0, len(ids), n):
-                seqs = self._sequences(ids[k : k + n], mask[k : k + n], width)
-                out.append(ro.response_logprobs(model, seqs, response[k : k + n], T)[0])  # [b, A]
+            return self._logprobs(self.actor if self.lora else self.ref, ids, mask, response, width)
+
+    @torch.no_grad()
+    def old_logprobs(
+        self, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """log pi_old of the response tokens [B, A] from a forward of the actor (rollout.recompute_logprobs)."""
+        return self._logprobs(self.actor, ids, mask, response, width)
+
+    def _logprobs(self, model, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, width: int):
+        T, n = self.cfg.rollout.temperature, self.cfg.rollout.micro_batch_size_per_device
+        out = []
+        for k in range(0, len(ids), n):
+            seqs = self._sequences(ids[k : k + n], mask[k : k + n], width)
+            out.append(ro.response_logprobs(model, seqs, response[k : k + n], T)[0])  # [b, A]
         return torch.cat(out)
 
     def rollout_values(self, step: int, ids: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -439,7 +448,7 @@ class PPORecipe:
         t0 = time.perf_counter()
         prompt_ids, prompt_mask, response, logprobs, token_entropy = self.generate(
             [self.train_ids[i] for i in index]
-        )  # logprobs [B, A]: log pi_old
+        )  # logprobs [B, A]: log pi_old, from the sampling pass
         mask = ro.response_mask(response, self.eos_id, c.rollout.stop_at_eos)  # [B, A]
         has_eos = ro.ends_with_eos(response, mask, self.eos_id)
         entropy = (token_entropy * mask).sum()  # for the metric
@@ -447,6 +456,8 @@ class PPORecipe:
         # 2. score: reference log-probs, values, reward-model score
         ids, seq_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1)
         width = prompt_ids.shape[1]
+        if c.rollout.recompute_logprobs:  # or from a forward, as the update will compute log pi
+            logprobs = self.old_logprobs(ids, seq_mask, response, width)
         ref_logprobs = self.ref_logprobs(ids, seq_mask, response, width)
         values = self.rollout_values(step, ids, seq_mask, width)
         raw = self.score(prompts, ids, seq_mask, response, mask)

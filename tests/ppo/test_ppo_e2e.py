@@ -209,3 +209,22 @@ def test_prepacked_frozen_models_score_as_the_plain_ones(exports, tmp_path):
     for key in ("ppo/reward", "ppo/kl", "ppo/value_explained_var", "ppo/policy_loss"):
         a, b = [v for _, v in metric_series(on, key)], [v for _, v in metric_series(off, key)]
         assert len(a) == 2 and a == pytest.approx(b, rel=1e-4, abs=1e-5), (key, a, b)
+
+
+def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(exports, tmp_path):
+    """rollout.recompute_logprobs: log pi_old from an actor forward, the computation the update repeats on
+    the same weights, so one epoch over one minibatch (the same rows, padded) sees ratio 1 exactly; the
+    sampling pass's log-probs (KV-cached decoding) differ from it by rounding. Sampling is unchanged."""
+    rows = {}
+    for recompute in (True, False):
+        run = tmp_path / f"recompute-{recompute}"
+        run_stage("ppo", *ppo_args(exports, run, f"rollout.recompute_logprobs={recompute}", "train.max_steps=2",
+                                   "train.eval_every=0", "ppo.epochs=1", "rollout.batch_size=16",
+                                   "rollout.micro_batch_size_per_device=16", "train.micro_batch_size_per_device=16",
+                                   "train.grad_accum_steps=1", "data.packing=false"))  # fmt: skip
+        rows[recompute] = read_metrics(run)
+    on, off = ([v for _, v in metric_series(rows[r], "ppo/approxkl")] for r in (True, False))
+    assert on == [0.0, 0.0] and all(v < 1e-9 for v in off), (on, off)
+    assert [v for _, v in metric_series(rows[True], "ppo/clipfrac")] == [0.0, 0.0]
+    for key in ("ppo/reward", "ppo/response_len"):
+        assert metric_series(rows[True], key) == metric_series(rows[False], key)
