@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ HANDOFF = {
 # Config parts that change how a run is watched, restarted or allocates memory, not what it computes.
 UNHASHED = ("logger", "train.resume", "train.keep_freed_memory")
 STAGE_STATE = "pipeline_stage.json"  # <stage dir>/ at the start; <stage dir>/export/ when finished
+# One `rlhf pipeline` command (every job of its sweep): pipeline.from_stage re-runs a stage once per command
+INVOCATION_ENV = "RLHF_PIPELINE_INVOCATION"
 STAGE_CONFIG = "pipeline_stage_config"  # <stage dir>/pipeline_stage_config.yaml, what the stage runs
 
 
@@ -221,10 +224,14 @@ def stage_key(
 
 def finished_key(stage_dir: Path) -> str | None:
     """The key of the stage's complete export, or None when it has none."""
+    return _finished_state(stage_dir).get("key")
+
+
+def _finished_state(stage_dir: Path) -> dict[str, Any]:
     state = stage_dir / "export" / STAGE_STATE
     if not (state.is_file() and (stage_dir / "export" / EXPORT_INFO).is_file()):
-        return None
-    return json.loads(state.read_text())["key"]
+        return {}
+    return json.loads(state.read_text())
 
 
 def started_key(stage_dir: Path) -> str | None:
@@ -233,10 +240,16 @@ def started_key(stage_dir: Path) -> str | None:
 
 
 def plan_stage(stage_dir: Path, key: str, forced: bool) -> str:
-    """skip | resume | run, from what `stage_dir` holds."""
-    if forced:
+    """skip | resume | run, from what `stage_dir` holds.
+
+    A forced stage (pipeline.from_stage) runs again, unless this same command already ran it: in a
+    sweep, the jobs share the stages before the swept keys, and the first job's re-run serves them all.
+    """
+    done = finished_key(stage_dir) == key
+    command = os.environ.get(INVOCATION_ENV)
+    if forced and not (done and command is not None and _finished_state(stage_dir).get("invocation") == command):
         return "run"
-    if finished_key(stage_dir) == key:
+    if done:
         return "skip"
     if started_key(stage_dir) == key:
         return "resume"
@@ -326,7 +339,8 @@ def run_stage(stage: str, cfg: DictConfig, key: str, stage_dir: Path, action: st
             f"stage {stage} failed (exit {proc.returncode}); log: {stage_dir / 'stage.log'}\n{tail}"
         )
     # the key goes with the export: a later run skips this stage when its key is the same
-    state = {"stage": stage, "key": key, "inputs": inputs, "wall_s": wall, "resumed": action == "resume"}
+    state = {"stage": stage, "key": key, "inputs": inputs, "wall_s": wall, "resumed": action == "resume",
+             "invocation": os.environ.get(INVOCATION_ENV)}  # fmt: skip
     atomic_write_text(stage_dir / "export" / STAGE_STATE, json.dumps(state, indent=2))
     return wall
 
@@ -424,6 +438,7 @@ def cli(argv: list[str]) -> None:
     from omegaconf import OmegaConf as _O
 
     _O.register_new_resolver("run_now", lambda pattern: time.strftime(pattern), replace=True)
+    os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex)  # jobs a sweep launcher starts inherit it
     sys.argv = [sys.argv[0], *stage_overrides_argv(argv)]
     main()
 

@@ -100,6 +100,30 @@ def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
     assert key != pipeline.stage_key("reward", a, {"sft": "k1"}, here, "2 per node")  # another global batch
 
 
+def test_a_forced_stage_runs_once_per_command(tmp_path, monkeypatch):
+    """pipeline.from_stage in a sweep: the first job re-runs the shared stage; the later jobs of the same
+    command reuse that run (before, each job deleted and re-ran it), and the next command re-runs it."""
+    stage = tmp_path / "reward-abc"
+
+    def finish(command):
+        (stage / "export").mkdir(parents=True, exist_ok=True)
+        (stage / "export" / "export_info.json").write_text("{}")
+        state = {"key": "abc", "invocation": command}
+        (stage / "export" / pipeline.STAGE_STATE).write_text(json.dumps(state))
+
+    monkeypatch.setenv(pipeline.INVOCATION_ENV, "command-1")
+    assert pipeline.plan_stage(stage, "abc", forced=True) == "run"  # nothing there yet
+    finish("command-1")  # the first job's run
+    assert pipeline.plan_stage(stage, "abc", forced=True) == "skip"  # a later job of the same sweep
+    assert pipeline.plan_stage(stage, "abd", forced=True) == "run"  # another key: its own stage
+    monkeypatch.setenv(pipeline.INVOCATION_ENV, "command-2")
+    assert pipeline.plan_stage(stage, "abc", forced=True) == "run"  # a new command re-runs it
+    assert pipeline.plan_stage(stage, "abc", forced=False) == "skip"
+    monkeypatch.delenv(pipeline.INVOCATION_ENV)
+    finish(None)  # an export from before the stamp, planned outside `rlhf pipeline`: forced still runs
+    assert pipeline.plan_stage(stage, "abc", forced=True) == "run"
+
+
 def test_stage_command_in_process_or_under_the_launcher(tmp_path):
     cfg = OmegaConf.create(
         {"num_gpus": None, "num_procs": 1, "hostfile": None, "master_port": None, "extra_args": []}
