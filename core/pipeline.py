@@ -247,7 +247,10 @@ def plan_stage(stage_dir: Path, key: str, forced: bool) -> str:
     """
     done = finished_key(stage_dir) == key
     command = os.environ.get(INVOCATION_ENV)
-    if forced and not (done and command is not None and _finished_state(stage_dir).get("invocation") == command):
+    ran_by_this_command = (
+        done and command is not None and _finished_state(stage_dir).get("invocation") == command
+    )
+    if forced and not ran_by_this_command:
         return "run"
     if done:
         return "skip"
