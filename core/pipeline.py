@@ -310,8 +310,10 @@ def stage_command(stage: str, stage_dir: Path, launcher: DictConfig) -> list[str
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLHF_RUN_STAMP"):
-        env.pop(var, None)  # each stage is its own run with its own process group
+    # each stage is its own run with its own process group, and no pipeline command of its own
+    launch = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLHF_RUN_STAMP")
+    for var in (*launch, INVOCATION_ENV):
+        env.pop(var, None)
     return env
 
 
@@ -441,7 +443,8 @@ def cli(argv: list[str]) -> None:
     from omegaconf import OmegaConf as _O
 
     _O.register_new_resolver("run_now", lambda pattern: time.strftime(pattern), replace=True)
-    os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex)  # jobs a sweep launcher starts inherit it
+    # this command's id (pipeline.from_stage); the jobs a sweep launcher starts inherit it
+    os.environ[INVOCATION_ENV] = uuid.uuid4().hex
     sys.argv = [sys.argv[0], *stage_overrides_argv(argv)]
     main()
 

@@ -196,8 +196,9 @@ def write_report(run_dir: Path, stage_dirs: dict[str, Path], stages: dict[str, d
 def _evaluate(
     cfg: DictConfig, run_dir: Path, stage_dirs: dict[str, Path], keys: dict[str, str], ppo_ran: bool
 ) -> dict | None:
-    """The gold evaluation of the PPO export (cached in eval.json under the PPO stage's key, for as
-    long as PPO is skipped: a forced or resumed PPO run writes a new export under the same key)."""
+    """The gold evaluation of the PPO export (cached in eval.json under the PPO stage's key and the
+    export's own record, for as long as PPO is skipped: a forced or resumed PPO run writes a new
+    export under the same key, and in a sweep another job of the same command may have)."""
     from core import evaluate
 
     ppo_dir = stage_dirs.get("ppo")
@@ -209,8 +210,10 @@ def _evaluate(
             "evaluation skipped: no judge for this PPO data (set eval.judge=sentiment to use the IMDB one)"
         )
         return None
+    # the export's own record (its command's id, its wall time) tells one PPO run from another
+    export_record = (ppo_dir / "export" / "pipeline_stage.json").read_text()
     eval_key = hashlib.sha256(
-        json.dumps([keys["ppo"], OmegaConf.to_container(cfg.eval)]).encode()
+        json.dumps([keys["ppo"], export_record, OmegaConf.to_container(cfg.eval)]).encode()
     ).hexdigest()
     cached = run_dir / EVAL_JSON
     if not ppo_ran and cached.is_file() and json.loads(cached.read_text()).get("key") == eval_key:

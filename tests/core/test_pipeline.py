@@ -211,6 +211,9 @@ def test_rerun_skips_done_stages_and_reruns_what_changed(copy_of):
     run_pipeline(f"hydra.run.dir={run}", "ppo.kl_coef=0.2", "pipeline.from_stage=reward")
     assert actions(run) == {"sft": "skip", "reward": "run", "ppo": "run"}
     assert (run / "eval.json").stat().st_mtime > evaluated  # the same keys, but a new PPO export
+    stamp = {s: json.loads((run / s / "export" / pipeline.STAGE_STATE).read_text())["invocation"]
+             for s in ("sft", "reward", "ppo")}  # fmt: skip
+    assert stamp["reward"] == stamp["ppo"] != stamp["sft"] and len(stamp["ppo"]) == 32  # this command's id
 
 
 def test_a_pipeline_of_ppo_alone_evaluates_against_the_reference_ppo_used(copy_of):
