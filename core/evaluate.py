@@ -289,7 +289,7 @@ def cli(argv: list[str]) -> None:
     ap.add_argument("--judge", choices=JUDGES, default="auto",
                     help="gold (built-in task), sentiment (IMDB classifier); auto picks by the run's data")  # fmt: skip
     ap.add_argument("--trust-remote-code", action="store_true",
-                    help="run the exports' own modelling code (default: only if the PPO run's actor.trust_remote_code)")  # fmt: skip
+                    help="run the exports' own modelling code (a custom-code model's exports need it)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -300,7 +300,8 @@ def cli(argv: list[str]) -> None:
     if baseline is None:
         raise SystemExit(f"rlhf evaluate: {args.policy} does not name its reference; give --baseline DIR")
     settings = settings_from(_run_config(args.policy), args.judge)
-    settings["trust_remote_code"] |= args.trust_remote_code
+    # only on the command line: the run config beside a downloaded export is no reason to run its code
+    settings["trust_remote_code"] = args.trust_remote_code
     result = compare(
         args.policy, baseline, args.reference or baseline, samples_per_prompt=args.samples_per_prompt, seed=args.seed,
         num_report_samples=args.num_report_samples, **settings,
