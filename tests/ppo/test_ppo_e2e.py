@@ -225,6 +225,7 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(exports, tmp_p
         rows[recompute] = read_metrics(run)
     on, off = ([v for _, v in metric_series(rows[r], "ppo/approxkl")] for r in (True, False))
     assert on == [0.0, 0.0] and all(v < 1e-9 for v in off), (on, off)
+    assert any(v > 0 for v in off), off  # decoding's rounding: what the recomputation takes away
     assert [v for _, v in metric_series(rows[True], "ppo/clipfrac")] == [0.0, 0.0]
-    for key in ("ppo/reward", "ppo/response_len"):
-        assert metric_series(rows[True], key) == metric_series(rows[False], key)
+    for key in ("ppo/reward", "ppo/response_len"):  # the first step's samples (later ones follow the update)
+        assert metric_series(rows[True], key)[0] == metric_series(rows[False], key)[0], key
