@@ -82,3 +82,22 @@ def test_run_config_is_the_runs_own_with_later_keys_from_the_defaults(tmp_path):
     run["actor"]["trust_remote_code"] = True
     OmegaConf.save(OmegaConf.create(run), tmp_path / "new" / "pipeline_stage_config.yaml")
     assert settings_from(_run_config(tmp_path / "new" / "export"))["trust_remote_code"] is True
+
+
+def test_the_command_runs_an_exports_code_only_with_the_flag(tmp_path, monkeypatch):
+    """`rlhf evaluate` trusts remote code on --trust-remote-code alone, even when the run config beside
+    the export (here: actor.trust_remote_code=true) says its PPO run did."""
+    import json
+
+    from core import evaluate
+
+    run = OmegaConf.to_container(_run_config(tmp_path / "no-run" / "export"))
+    run["actor"]["trust_remote_code"] = True
+    (tmp_path / "run" / "export").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(run), tmp_path / "run" / "pipeline_stage_config.yaml")
+    (tmp_path / "run" / "export" / "export_info.json").write_text(json.dumps({"ref": str(tmp_path / "sft")}))
+    seen = []
+    monkeypatch.setattr(evaluate, "compare", lambda *a, **kw: seen.append(kw["trust_remote_code"]) or {})
+    evaluate.cli([str(tmp_path / "run" / "export")])
+    evaluate.cli([str(tmp_path / "run" / "export"), "--trust-remote-code"])
+    assert seen == [False, True]
