@@ -25,6 +25,7 @@ from core.config import (
 @dataclass
 class RolloutConfig:
     batch_size: int = MISSING
+    samples_per_prompt: int = MISSING
     max_new_tokens: int = MISSING
     min_new_tokens: int = MISSING
     temperature: float = MISSING

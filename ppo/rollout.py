@@ -1,6 +1,7 @@
 """Rollouts: sample responses from the actor, then score them with the frozen models and the critic.
 
-Shapes: B prompts, P prompt tokens (left-padded), A response tokens (right-padded), V vocab.
+Shapes: B sequences (prompts x rollout.samples_per_prompt), P prompt tokens (left-padded), A response
+tokens (right-padded), V vocab.
 Masks are True for valid tokens. A response is valid up to and including its first EOS.
 The model input for scoring is [prompt | response] of width P + A; the logits / values that
 concern response token t are read at position P - 1 + t (the state before the action). With

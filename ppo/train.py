@@ -130,6 +130,8 @@ class PPORecipe:
             )
         if p.epochs < 1:
             raise ConfigError(f"ppo.epochs must be at least 1; got {p.epochs}")
+        if (k := self.cfg.rollout.samples_per_prompt) < 1:
+            raise ConfigError(f"rollout.samples_per_prompt must be at least 1; got {k}")
 
     def _resolve_paths(self) -> None:
         """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""
@@ -193,12 +195,14 @@ class PPORecipe:
             raise ConfigError(
                 f"rollout.batch_size={r.batch_size} must be divisible by the world size {self.world}"
             )
-        self.local_batch = r.batch_size // self.world
+        self.local_batch = r.batch_size // self.world  # prompts per rank
+        self.local_rollout = self.local_batch * r.samples_per_prompt  # sequences per rank
         self.minibatch = t.micro_batch_size_per_device * t.grad_accum_steps  # per rank
-        if self.local_batch % self.minibatch:
+        if self.local_rollout % self.minibatch:
             raise ConfigError(
-                f"rollout.batch_size / world size = {self.local_batch} prompts per rank must be a multiple of "
-                f"train.micro_batch_size_per_device x train.grad_accum_steps = {self.minibatch} (the minibatch)"
+                f"rollout.batch_size / world size x rollout.samples_per_prompt = {self.local_rollout} sequences per "
+                f"rank must be a multiple of train.micro_batch_size_per_device x train.grad_accum_steps = "
+                f"{self.minibatch} (the minibatch)"
             )
         self.prompt_batches = GlobalBatches(len(self.train_ids), self.local_batch, 1, self.world, t.seed)
         self.ptx = (
@@ -213,7 +217,7 @@ class PPORecipe:
 
     def _setup_models(self) -> None:
         c, t = self.cfg, self.cfg.train
-        n_updates = t.max_steps * c.ppo.epochs * (self.local_batch // self.minibatch)
+        n_updates = t.max_steps * c.ppo.epochs * (self.local_rollout // self.minibatch)
 
         def train_cfg(zero, optim):
             return ds.config_from_groups(zero, t, optim)
@@ -443,6 +447,8 @@ class PPORecipe:
         c, p = self.cfg, self.cfg.ppo
         reduce = self._reduce
         (index,) = self.prompt_batches.micro_batches(step, dist.rank())
+        # each prompt's samples in a row
+        index = [i for i in index for _ in range(c.rollout.samples_per_prompt)]
         prompts = [self.train_prompts[i] for i in index]
         # 1. generate
         t0 = time.perf_counter()
@@ -603,7 +609,8 @@ class PPORecipe:
             rollout, metrics, samples = self.make_rollout(self.step)
             t1 = time.perf_counter()
             metrics |= self.update(rollout, self.step)
-            self.kl_ctl.update(metrics["ppo/kl"], self.cfg.rollout.batch_size)  # Ziegler et al. 2019
+            sequences = self.cfg.rollout.batch_size * self.cfg.rollout.samples_per_prompt
+            self.kl_ctl.update(metrics["ppo/kl"], sequences)  # Ziegler et al. 2019
             self._ema_update()
             self.step += 1
             metrics |= {"time/train_s": time.perf_counter() - t1, "time/step_s": time.perf_counter() - start,

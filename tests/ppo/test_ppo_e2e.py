@@ -229,3 +229,19 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(exports, tmp_p
     assert [v for _, v in metric_series(rows[True], "ppo/clipfrac")] == [0.0, 0.0]
     for key in ("ppo/reward", "ppo/response_len"):  # the first step's samples (later ones follow the update)
         assert metric_series(rows[True], key)[0] == metric_series(rows[False], key)[0], key
+
+
+def test_several_samples_per_prompt_count_as_sequences(exports, tmp_path):
+    """rollout.samples_per_prompt=2: 8 prompts give 16 sequences a step, one minibatch of 16 (refused
+    if prompts were counted: 8 is no multiple of 16), each prompt's two samples side by side."""
+    run = tmp_path / "two-samples"
+    run_stage("ppo", *ppo_args(exports, run, "rollout.samples_per_prompt=2", "rollout.batch_size=8",
+                               "train.micro_batch_size_per_device=16", "train.grad_accum_steps=1", "ppo.epochs=1",
+                               "train.max_steps=2", "train.eval_every=0", "train.num_samples=16"))  # fmt: skip
+    rows = read_metrics(run)
+    assert [v for _, v in metric_series(rows, "ppo/epochs_done")] == [1.0, 1.0]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    prompts = [s["prompt"] for s in samples]
+    assert len(prompts) == 16 and prompts[0::2] == prompts[1::2] and len(set(prompts)) == 8
+    with pytest.raises(AssertionError, match="rollout.samples_per_prompt must be at least 1"):
+        run_stage("ppo", *ppo_args(exports, tmp_path / "zero", "rollout.samples_per_prompt=0"))
