@@ -391,6 +391,8 @@ class PPORecipe:
         return self._logprobs(self.actor, ids, mask, response, width)
 
     def _logprobs(self, model, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor, width: int):
+        """log pi(a_t | s_t) of `response` [B, A] under `model`, at the rollout temperature, in micro-batches
+        of rollout.micro_batch_size_per_device: ids / mask [B, P + A], width = P."""
         T, n = self.cfg.rollout.temperature, self.cfg.rollout.micro_batch_size_per_device
         out = []
         for k in range(0, len(ids), n):
