@@ -11,8 +11,9 @@ pipeline's `sft:` / `reward:` / `ppo:` keys, and the previous stage's export as 
     sft/export     -> reward.model (init), ppo.actor, ppo.ref
     reward/export  -> ppo.reward_model, ppo.critic (init)
 
-A stage's *key* is a hash of its resolved config (minus logging and resume switches) and the keys
-of the stages it reads. Re-running a command skips each stage whose export carries the same key,
+A stage's *key* is a hash of its resolved config (minus logging and resume switches), the keys
+of the stages it reads, and the sizes and modification times of the local files it reads by path
+(data files, a model directory given in place of a hand-off). Re-running a command skips each stage whose export carries the same key,
 resumes a stage that was interrupted (same key, no finished export), and re-runs a stage whose
 config changed (and so, through the keys, every stage after it).
 """
@@ -59,6 +60,9 @@ HANDOFF = {
 }
 # Config parts that change how a run is watched, restarted or allocates memory, not what it computes.
 UNHASHED = ("logger", "train.resume", "train.keep_freed_memory")
+# Config keys (their last part) whose value names what a stage reads: a local file or directory there
+# counts by its files' sizes and modification times too, so editing it in place re-runs the stage.
+INPUT_KEYS = ("name_or_path", "tokenizer", "path", "eval_path", "workload")
 STAGE_STATE = "pipeline_stage.json"  # <stage dir>/ at the start; <stage dir>/export/ when finished
 # One `rlhf pipeline` command (every job of its sweep): pipeline.from_stage re-runs a stage once per command
 INVOCATION_ENV = "RLHF_PIPELINE_INVOCATION"
@@ -202,7 +206,7 @@ def stage_key(
 
     A handed-over model path (`handoff`: role -> the upstream export's path) counts by its stage's
     key, not its location, so a run directory that is moved or copied is still up to date; a path
-    the user put in its place counts as itself.
+    the user put in its place counts as itself, and so do its files (`input_files`).
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     for role, upstream in HANDOFF.get(stage, {}).items():
@@ -214,9 +218,39 @@ def stage_key(
         for p in parents:
             node = node.get(p, {})
         node.pop(leaf, None)
-    blob = json.dumps({"stage": stage, "config": plain, "inputs": upstream_keys, "world": world}, sort_keys=True,
-                      default=str)  # fmt: skip
+    content = {"stage": stage, "config": plain, "inputs": upstream_keys, "world": world}
+    if files := input_files(plain):  # absent without local inputs, so such keys stay as they were
+        content["files"] = files
+    blob = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def input_files(plain: dict[str, Any]) -> dict[str, list[Any]]:
+    """What a stage config reads from local paths (INPUT_KEYS), as `key=path` -> [size, mtime_ns] of a
+    file, or [[relative path, size, mtime_ns], ...] of a directory's files (a model directory).
+
+    Sizes and modification times, as make does: hashing contents would read a model's weights on
+    every command. Copying an input without keeping its times therefore counts as a change, and
+    re-runs the stages that read it. Hub names and `builtin` are not local paths and count as text.
+    """
+    found = {}
+    for key, value in _flatten(plain):
+        if key.rsplit(".", 1)[-1] not in INPUT_KEYS:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if not isinstance(v, str) or not v or not (p := Path(v)).exists():
+                continue
+            if p.is_dir():
+                files = sorted(f for f in p.rglob("*") if f.is_file())
+                found[f"{key}={v}"] = [[str(f.relative_to(p)), *_size_time(f)] for f in files]
+            else:
+                found[f"{key}={v}"] = _size_time(p)
+    return found
+
+
+def _size_time(f: Path) -> list[int]:
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 # ----------------------------------------------------------------------------- stage state

@@ -4,6 +4,7 @@ One short pipeline (a few steps per stage, about a minute) is run once per modul
 that change it work on copies of its run directory.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,6 +99,42 @@ def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
     assert key != pipeline.stage_key("reward", a, {"sft": "k2"}, here, "1")  # a different SFT upstream
     assert key != pipeline.stage_key("reward", d, {"sft": "k1"}, here, "1")  # the user's model, not SFT's
     assert key != pipeline.stage_key("reward", a, {"sft": "k1"}, here, "2 per node")  # another global batch
+
+
+def test_stage_key_counts_the_local_files_a_stage_reads(tmp_path):
+    """Editing a data file or a model directory in place (same path) re-runs the stage; a hub name does
+    not count as a file, and a config without local inputs keys as before (no `files` entry)."""
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    model = tmp_path / "my_model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = pipeline.compose_stage("sft", {"data": {"path": str(data)}, "model": {"name_or_path": str(model)}},
+                                     {}, "/d")  # fmt: skip
+        hub = pipeline.compose_stage("sft", {"data": {"path": "org/dataset"}}, {}, "/d")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert set(pipeline.input_files(plain)) == {f"data.path={data}", f"model.name_or_path={model}"}
+    assert pipeline.input_files(OmegaConf.to_container(hub, resolve=True)) == {}
+
+    key = pipeline.stage_key("sft", cfg, {}, {}, "1")
+    assert key == pipeline.stage_key("sft", cfg, {}, {}, "1")  # nothing changed
+    data.write_text('{"prompt": "a", "response": "c d"}\n')  # the same path, new contents
+    edited = pipeline.stage_key("sft", cfg, {}, {}, "1")
+    assert edited != key
+    os.utime(model / "config.json", ns=(0, 0))  # a model re-exported in place (only its time differs)
+    assert pipeline.stage_key("sft", cfg, {}, {}, "1") != edited
+
+    # without local inputs the key is the hash it was before files were counted
+    content = {"stage": "sft", "config": OmegaConf.to_container(hub, resolve=True), "inputs": {}, "world": "1"}  # fmt: skip
+    for dotted in pipeline.UNHASHED:
+        *parents, leaf = dotted.split(".")
+        node = content["config"]
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    old = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    assert pipeline.stage_key("sft", hub, {}, {}, "1") == old
 
 
 def test_a_forced_stage_runs_once_per_command(tmp_path, monkeypatch):
