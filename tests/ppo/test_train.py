@@ -6,6 +6,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import ppo.config  # noqa: F401  (registers ppo_schema)
+from data.builtin.tokenizer import build_tokenizer
+from data.formats import Message
+from data.templates import PromptFormatter
 from ppo.train import ConfigError, PPORecipe, eval_batches
 from tests.conftest import ROOT
 
@@ -62,3 +65,14 @@ def test_a_reference_or_critic_without_a_path_loads_its_sources_checkpoint_the_s
                "ref.name_or_path=org/other")  # fmt: skip
     r._resolve_paths()
     assert (r.cfg.ref.name_or_path, r.cfg.ref.revision) == ("org/other", None)
+
+
+def test_long_prompts_are_cut_from_the_left_keeping_the_bos_and_the_generation_cue():
+    r = recipe("data.max_len=8")
+    # the built-in tokenizer adds a BOS, as Llama's does
+    r.formatter = PromptFormatter(build_tokenizer(), **r.cfg.data.template)
+    messages = (Message("user", "the crust was great . the service was slow . we will be back"),)
+    whole = r.formatter.encode_prompt(messages)
+    assert len(whole) > 8
+    cut = r._encode_prompt(messages)
+    assert cut == [whole[0]] + whole[-7:] and whole[0] == r.formatter.tokenizer.bos_token_id

@@ -1,0 +1,27 @@
+"""The reward recipe's encoding of a pair's replies (the rest runs end to end in test_reward_e2e.py)."""
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+import reward.config  # noqa: F401  (registers reward_schema)
+from data.builtin.tokenizer import build_tokenizer
+from data.formats import Conversation, Message
+from data.templates import PromptFormatter
+from reward.train import RewardRecipe
+from tests.conftest import ROOT
+
+
+def test_a_long_pair_is_cut_from_the_left_keeping_the_bos_and_the_scored_end():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        r = RewardRecipe(compose("reward", overrides=["data.max_len=10"]), run_dir=Path("unused"))
+    tok = build_tokenizer()  # adds a BOS, as Llama's tokenizer does
+    r.formatter, r.num_truncated = PromptFormatter(tok, **r.cfg.data.template), 0
+    prompt = (Message("user", "the crust was great . the service was slow . we will be back"),)
+    short = r._encode_reply((Message("user", "ok"),), "good")
+    assert r.num_truncated == 0 and short[0] == tok.bos_token_id and short[-1] == tok.eos_token_id
+    whole = r.formatter.encode(Conversation((*prompt, Message("assistant", "the service was great"))), 10**9)
+    ids = r._encode_reply(prompt, "the service was great")
+    assert r.num_truncated == 1 and len(whole.input_ids) > 10
+    assert ids == [tok.bos_token_id] + whole.input_ids[-9:]  # the BOS, then the end: the EOS is scored
+    assert ids[-1] == tok.eos_token_id
