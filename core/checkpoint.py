@@ -3,6 +3,7 @@
 Layout under a run directory:
 
     checkpoints/step-00000040/   DeepSpeed shards of every rank + trainer_state.json + rng_rank*.pt
+                   .../universal  DeepSpeed's universal copy, once a resume under another rank count needed it
     checkpoints/latest           the tag of the newest complete checkpoint (one line)
     export/                      Hugging Face model (or peft adapter) + tokenizer + export_info.json
 
@@ -21,6 +22,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+# DeepSpeed's universal copy of an engine's checkpoint, beside its shards, for another rank count
+UNIVERSAL = "universal"
 EXPORT_INFO = "export_info.json"
 # Written beside a reward model's export: its score mean / std on the eval set (PPO normalises with them).
 REWARD_STATS = "reward_stats.json"
@@ -197,21 +201,59 @@ def resume_layout_error(saved_world: int, saved_stage: int | None, world: int, s
 
     Stage 0 saves the whole weights and optimizer state, which load under any rank count. ZeRO-1/2/3
     save each rank's share of the optimizer state (ZeRO-3 also of the weights): DeepSpeed reads them
-    only under the rank count that wrote them, and stage 0 does not read them at all. Measured with
-    the built-in SFT: one rank -> two under ZeRO-2 stopped on DeepSpeed's world-size error; two ranks
+    directly only under the rank count that wrote them, and under another through a universal copy
+    (`needs_universal`); stage 0 does not read them at all. Measured with the built-in SFT: two ranks
     under ZeRO-2 -> one (which runs ZeRO-2 as stage 0, `core.deepspeed.effective_stage`) stopped on an
-    AttributeError inside torch's optimizer; one rank -> two under ZeRO-0, and two ranks
-    under ZeRO-1 -> two under ZeRO-2, resumed.
+    AttributeError inside torch's optimizer; one rank -> two under ZeRO-0, and two ranks under ZeRO-1
+    -> two under ZeRO-2, resumed; so did two ranks -> one under ZeRO-3 and two -> three under ZeRO-2
+    through the universal copy (before it, DeepSpeed stopped on its world-size error).
     """
     partitioned = saved_stage is None or saved_stage > 0
     if partitioned != (stage > 0):
         return ("stage 0 reads whole optimizer state and ZeRO-1/2/3 each rank's share of it; a checkpoint "
                 "holds one or the other")  # fmt: skip
-    if partitioned and saved_world != world:
-        return "DeepSpeed does not split per-rank ZeRO optimizer state again for another rank count"
     if saved_stage is not None and 3 in (saved_stage, stage) and saved_stage != stage:
         return "a ZeRO-3 checkpoint holds each rank's share of the weights, a ZeRO-1/2 one the whole weights"
+    if partitioned and saved_world != world and saved_stage is None:
+        return ("the checkpoint does not record its ZeRO stage, which the universal copy that shares ZeRO "
+                "state out to another rank count needs")  # fmt: skip
     return None
+
+
+def needs_universal(saved_world: int, saved_stage: int | None, world: int, stage: int) -> bool:
+    """Whether a checkpoint loads through DeepSpeed's universal copy (`universal_copy`): per-rank ZeRO
+    state written by another rank count, at a stage of the same kind (ZeRO-1/2 to 1/2, 3 to 3)."""
+    return (
+        saved_world != world
+        and saved_stage is not None
+        and saved_stage > 0
+        and stage > 0
+        and (saved_stage == 3) == (stage == 3)
+    )
+
+
+def universal_copy(engine_dir: Path) -> Path:
+    """`<engine_dir>/universal`: DeepSpeed's universal copy of the engine checkpoint in `engine_dir`,
+    which any rank count can load, written by rank 0 the first time it is needed. Collective.
+
+    Written beside the shards, so it goes when its checkpoint is pruned; it takes about as much disk
+    as the checkpoint's ZeRO state. Converted into a temporary directory and renamed into place, so
+    a crash during the conversion leaves no half-written copy to load.
+    """
+    final = engine_dir / UNIVERSAL
+    if dist.is_main() and not final.is_dir():
+        tmp = engine_dir / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        started = time.perf_counter()
+        ds.to_universal(str(engine_dir), str(tmp))
+        fsync_tree(tmp)
+        os.replace(tmp, final)
+        fsync_dir(engine_dir)
+        log.info(
+            "resume: wrote DeepSpeed's universal copy %s in %.1f s", final, time.perf_counter() - started
+        )
+    dist.barrier()
+    return final
 
 
 def check_resume_layout(engines, checkpoint: Path, state: dict[str, Any]) -> None:
@@ -252,11 +294,20 @@ def load_checkpoint(engines, checkpoint: Path) -> dict[str, Any]:
     """
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
     check_resume_layout(engines, checkpoint, state)
-    if isinstance(engines, dict):
-        for name, engine in engines.items():
-            ds.load_checkpoint(engine, str(checkpoint), name)
-    else:
-        ds.load_checkpoint(engines, str(checkpoint.parent), checkpoint.name)
+    saved_world = state.get("world_size", dist.world_size())
+    for name, engine in _named(engines).items():
+        # DeepSpeed's (load_dir, tag): PPO's engines sit in subdirectories named after them
+        load_dir, tag = (
+            (checkpoint, name) if isinstance(engines, dict) else (checkpoint.parent, checkpoint.name)
+        )
+        saved_stage = state.get("zero_stages", {}).get(name)
+        if needs_universal(saved_world, saved_stage, dist.world_size(), ds.zero_stage(engine)):
+            log.info("resume: %s was written by %d rank(s) at ZeRO stage %d; this run has %d: loading it through "
+                     "DeepSpeed's universal checkpoint", load_dir / tag, saved_world, saved_stage, dist.world_size())  # fmt: skip
+            uni = universal_copy(load_dir / tag)
+            ds.load_universal_checkpoint(engine, str(uni.parent), uni.name)
+        else:
+            ds.load_checkpoint(engine, str(load_dir), tag)
     rng_file = checkpoint / f"rng_rank{dist.rank()}.pt"
     if state.get("world_size") != dist.world_size():
         log.warning("resume: world size changed (%s -> %d); RNG streams restart and per-rank tensors are "

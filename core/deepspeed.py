@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -494,6 +495,76 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> None:
     )
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+
+
+def to_universal(checkpoint_dir: str, out_dir: str) -> None:
+    """Write DeepSpeed's universal copy of one engine's ZeRO checkpoint (`ds_to_universal`): every
+    parameter's whole fp32 weight and optimizer moments, which any rank count can share out again.
+
+    Run as its own process: the converter forks worker pools, which a process holding a process
+    group and its threads must not do. `--inject_missing_state` adds the version record that only
+    Megatron-DeepSpeed models write themselves (ZeRO-1/2 checkpoints of transformers models lack it).
+    """
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", checkpoint_dir,
+           "--output_folder", out_dir, "--num_extract_workers", workers, "--num_merge_workers", workers,
+           "--inject_missing_state"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"DeepSpeed's ds_to_universal failed on {checkpoint_dir} ({proc.returncode}):\n{proc.stdout[-2000:]}"
+            f"\n{proc.stderr[-4000:]}"
+        )
+    # it also points a `latest_universal` file beside out_dir at out_dir's name; the caller names what it loads
+    (Path(out_dir).parent / "latest_universal").unlink(missing_ok=True)
+
+
+def load_universal_checkpoint(engine, load_dir: str, tag: str) -> None:
+    """`load_checkpoint` of a universal copy (`to_universal`) into this run's ranks and ZeRO stage.
+
+    DeepSpeed reads its `checkpoint.load_universal` switch when loading, not when the engine is
+    built, so it is turned on for this one load: the engine is not built twice, and the run's own
+    checkpoints stay ordinary ones.
+    """
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        load_checkpoint(engine, load_dir, tag)
+    finally:
+        config.load_universal_checkpoint = before
+    if engine.zero_optimization_stage() == 3:
+        _mend_zero3_universal_load(engine.optimizer, Path(load_dir) / tag)
+
+
+def _mend_zero3_universal_load(optimizer, folder: Path) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19, `load_hp_checkpoint_state_from_checkpoint_dir_stage3`).
+
+    - It gives every parameter sub-group one and the same `step` tensor, and torch's Adam advances a
+      step tensor in place, once per sub-group: with weights and norms in two groups the count went
+      3 -> 5 in one step, and the norms' update came out 8 % short (the built-in SFT).
+    - It gives every param group the first group's hyperparameters, so the no-decay group (norms,
+      biases) took the weight decay of the others.
+    Each sub-group gets its own step, and each group its own saved hyperparameters, as the ZeRO-1/2
+    universal load and every same-rank-count load do.
+    """
+    state = optimizer.optimizer.state
+    seen = set()
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        step = state.get(flat, {}).get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state[flat]["step"] = step.clone()
+            seen.add(id(step))
+    saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    groups = optimizer.optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise RuntimeError(
+            f"{folder}: {len(saved_groups)} saved optimizer param groups, the optimizer has {len(groups)}"
+        )
+    for group, kept in zip(groups, saved_groups):
+        group.update({k: v for k, v in kept.items() if k != "params"})
 
 
 def consolidated_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:

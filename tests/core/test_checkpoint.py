@@ -10,6 +10,7 @@ from core.checkpoint import (
     atomic_write_text,
     check_resume_layout,
     latest_checkpoint,
+    needs_universal,
     newest_export,
     resume_layout_error,
     save_checkpoint,
@@ -46,22 +47,28 @@ def test_atomic_write_leaves_no_temporary(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "saved_world, saved_stage, world, stage, ok",
+    "saved_world, saved_stage, world, stage, ok, universal",
     [
-        (1, 0, 1, 0, True),
-        (1, 0, 2, 0, True),  # whole optimizer state loads under any rank count
-        (2, 1, 2, 2, True),  # ZeRO-1 and 2 share their checkpoint layout
-        (2, 3, 2, 3, True),
-        (1, 0, 2, 2, False),  # one fp32 rank ran its ZeRO-2 config at stage 0
-        (2, 2, 1, 0, False),  # ... and the other way round
-        (2, None, 1, 0, False),  # an older checkpoint with per-rank ZeRO files
-        (2, 2, 4, 2, False),  # DeepSpeed does not re-split per-rank optimizer state
-        (2, 3, 1, 3, False),
-        (2, 2, 2, 3, False),
+        (1, 0, 1, 0, True, False),
+        (1, 0, 2, 0, True, False),  # whole optimizer state loads under any rank count
+        (2, 1, 2, 2, True, False),  # ZeRO-1 and 2 share their checkpoint layout
+        (2, 3, 2, 3, True, False),
+        (2, 2, 4, 2, True, True),  # per-rank ZeRO state for another rank count: through the universal copy
+        (2, 1, 3, 2, True, True),
+        (2, 3, 1, 3, True, True),
+        (1, 0, 2, 2, False, False),  # one fp32 rank ran its ZeRO-2 config at stage 0
+        (2, 2, 1, 0, False, False),  # ... and the other way round
+        (2, None, 1, 0, False, False),  # an older checkpoint with per-rank ZeRO files
+        (2, None, 4, 2, False, False),  # ... which does not say which kind of copy to make
+        (2, 2, 2, 3, False, False),
+        (2, 2, 4, 3, False, False),
     ],
 )
-def test_resume_layouts_deepspeed_cannot_restore_are_named(saved_world, saved_stage, world, stage, ok):
+def test_resume_layouts_deepspeed_cannot_restore_are_named(
+    saved_world, saved_stage, world, stage, ok, universal
+):
     assert (resume_layout_error(saved_world, saved_stage, world, stage) is None) == ok
+    assert needs_universal(saved_world, saved_stage, world, stage) == universal
 
 
 class FakeEngine:
