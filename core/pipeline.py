@@ -13,9 +13,10 @@ pipeline's `sft:` / `reward:` / `ppo:` keys, and the previous stage's export as 
 
 A stage's *key* is a hash of its resolved config (minus logging and resume switches), the keys
 of the stages it reads, and the sizes and modification times of the local files it reads by path
-(data files, a model directory given in place of a hand-off). Re-running a command skips each stage whose export carries the same key,
-resumes a stage that was interrupted (same key, no finished export), and re-runs a stage whose
-config changed (and so, through the keys, every stage after it).
+(data files, a model directory given in place of a hand-off). Re-running a command skips each
+stage whose export carries the same key, resumes a stage that was interrupted (same key, no
+finished export), and re-runs a stage whose config or inputs changed (and so, through the keys,
+every stage after it).
 """
 
 from __future__ import annotations
