@@ -1,5 +1,6 @@
 """Two CPU processes under the real `deepspeed` launcher (gloo), and under torchrun."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,12 +53,46 @@ def test_zero3_two_ranks_partition_match_one_process_and_export_gathered_weights
         torch.testing.assert_close(v, one_export[k], rtol=1e-4, atol=1e-5)
     # only rank 0 wrote Hydra's files and the log
     assert (two / ".hydra" / "config.yaml").is_file() and len(list(two.glob("*.log"))) == 1
-    # one process cannot restore two ranks' ZeRO-3 shards: it stops before training and says what to do
-    resumed = run_stage("sft", *STEPS, "deepspeed=zero3", "train.max_steps=10", "train.resume=true",
+    # one process at stage 0 (a ZeRO-2 config on one fp32 rank) cannot take two ranks' ZeRO-3 shards: it
+    # stops before training and says what to do (one process at ZeRO-3 resumes: the test below)
+    resumed = run_stage("sft", *STEPS, "deepspeed=zero2", "train.max_steps=10", "train.resume=true",
                         f"hydra.run.dir={two}", check=False)  # fmt: skip
     assert resumed.returncode != 0
-    assert "written by 2 rank(s) at ZeRO stage 3, and this run has 1 rank(s)" in resumed.stderr
+    assert (
+        "written by 2 rank(s) at ZeRO stage 3, and this run has 1 rank(s) at ZeRO stage 0" in resumed.stderr
+    )
     assert "resume it with 2 rank(s)" in resumed.stderr
+
+
+def test_a_zero3_checkpoint_of_two_ranks_resumes_on_one_through_the_universal_copy(tmp_path):
+    """ZeRO-3 keeps each rank's share of the weights and Adam moments: one rank can resume it only through
+    DeepSpeed's universal checkpoint, which the resume writes beside the shards and loads. Same global
+    batch (2 ranks x 2 = 1 rank x 4), so the resumed run trains on the same data and ends where the
+    two-rank run ended (measured: 1.2e-7 apart; a one-rank run from scratch, 6e-8). Weight decay is
+    on, so the norms' group (no decay) and the weights' group differ: DeepSpeed's own load shared one Adam
+    step count between the groups and gave both the first group's decay (2.2e-5 apart after one step)."""
+    args = ["logger=none", "deepspeed=zero3", "optim.weight_decay=0.1", "train.max_steps=6", "train.save_every=3",
+            "train.eval_every=0", "train.log_every=1", "train.num_samples=0"]  # fmt: skip
+    straight = tmp_path / "straight"
+    run_stage("sft", *args, "train.micro_batch_size_per_device=2", f"hydra.run.dir={straight}",
+              launcher=deepspeed_launcher(2))  # fmt: skip
+    # a run that stopped after its step-3 checkpoint (what a killed run leaves), resumed on one rank
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    (resumed / "checkpoints" / "latest").write_text("step-00000003\n")
+    proc = run_stage("sft", *args, "train.micro_batch_size_per_device=4", "train.resume=true",
+                     f"hydra.run.dir={resumed}")  # fmt: skip
+    assert "loading it through DeepSpeed's universal checkpoint" in proc.stdout + proc.stderr
+    assert (resumed / "checkpoints" / "step-00000003" / "universal" / "zero").is_dir()
+
+    losses = {r["step"]: r["train/loss"] for r in read_metrics(straight) if "train/loss" in r}
+    again = {r["step"]: r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r}
+    assert sorted(again) == [4, 5, 6]
+    for step in again:
+        assert again[step] == pytest.approx(losses[step], rel=1e-6)
+    a, b = (load_file(run / "export" / "model.safetensors") for run in (straight, resumed))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
 # DeepSpeed keeps small parameters whole on every rank and gathered ones alive between uses; these make

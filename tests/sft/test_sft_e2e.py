@@ -1,7 +1,6 @@
 """SFT end to end on the built-in default, as a user runs it: `python -m sft ...`."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import ROOT, deepspeed_launcher, metric_series, read_metrics, run_stage, stage_env
+from tests.conftest import ROOT, metric_series, read_metrics, run_stage, stage_env
 
 QUICK = ["logger=none", "train.num_samples=2", "train.sample_max_new_tokens=16"]
 
@@ -156,34 +155,3 @@ def test_packing_trains_and_tensorboard_logs(tmp_path):
     assert rows[0]["data/train_examples"] < 4000  # rows hold several examples
     losses = [v for _, v in metric_series(rows, "train/loss")]
     assert losses[-1] < losses[0]
-
-
-def test_a_zero3_checkpoint_of_two_ranks_resumes_on_one_through_the_universal_copy(tmp_path):
-    """ZeRO-3 keeps each rank's share of the weights and Adam moments: one rank can resume it only through
-    DeepSpeed's universal checkpoint, which the resume writes beside the shards and loads. Same global
-    batch (2 ranks x 2 = 1 rank x 4), so the resumed run trains on the same data and ends where the
-    two-rank run ended, as closely as a one-rank run from scratch does (5.96e-8 apart). Weight decay is
-    on, so the norms' group (no decay) and the weights' group differ: DeepSpeed's own load shared one Adam
-    step count between the groups and gave both the first group's decay (2.2e-5 apart after one step)."""
-    args = [*QUICK, "deepspeed=zero3", "optim.weight_decay=0.1", "train.max_steps=6", "train.save_every=3",
-            "train.eval_every=0", "train.log_every=1", "train.num_samples=0"]  # fmt: skip
-    straight = tmp_path / "straight"
-    run_stage("sft", *args, "train.micro_batch_size_per_device=2", f"hydra.run.dir={straight}",
-              launcher=deepspeed_launcher(2))  # fmt: skip
-    # a run that stopped after its step-3 checkpoint (what a killed run leaves), resumed on one rank
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
-    (resumed / "checkpoints" / "latest").write_text("step-00000003\n")
-    proc = run_stage("sft", *args, "train.micro_batch_size_per_device=4", "train.resume=true",
-                     f"hydra.run.dir={resumed}")  # fmt: skip
-    assert "loading it through DeepSpeed's universal checkpoint" in proc.stdout + proc.stderr
-    assert (resumed / "checkpoints" / "step-00000003" / "universal" / "zero").is_dir()
-
-    losses = {r["step"]: r["train/loss"] for r in read_metrics(straight) if "train/loss" in r}
-    again = {r["step"]: r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r}
-    assert sorted(again) == [4, 5, 6]
-    for step in again:
-        assert again[step] == pytest.approx(losses[step], rel=1e-6)
-    a, b = (load_file(run / "export" / "model.safetensors") for run in (straight, resumed))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
