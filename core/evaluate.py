@@ -66,17 +66,17 @@ def load_policy(path: str | Path, template: dict[str, str], trust_remote_code: b
 
 @torch.no_grad()
 def sample_responses(
-    policy: Policy, prompts: list[str], sampling: Sampling, n: int, seed: int, max_prompt_len: int,
+    policy: Policy, prompts: list[tuple[Message, ...]], sampling: Sampling, n: int, seed: int, max_prompt_len: int,
     batch_size: int = 64,
 ) -> tuple[list[list[int]], list[list[int]]]:  # fmt: skip
-    """n sampled responses per prompt: (prompt ids, response ids up to and including EOS) per row.
+    """n sampled responses per prompt (its messages, ending with a user turn, formatted as in PPO):
+    (prompt ids, response ids up to and including EOS) per row.
 
     Rows are prompt-major: row i * n + j is sample j of prompt i. With sampling.prepack_weights,
     decodes on oneDNN-prepacked weights where the model allows it (`models.prepacked_linears`).
     """
     tok = policy.tokenizer
-    encoded = [policy.formatter.keep_end(policy.formatter.encode_prompt((Message("user", p),)), max_prompt_len)
-               for p in prompts]  # fmt: skip
+    encoded = [policy.formatter.keep_end(policy.formatter.encode_prompt(p), max_prompt_len) for p in prompts]
     rows = [ids for ids in encoded for _ in range(n)]
     torch.manual_seed(seed)
     responses: list[list[int]] = []
@@ -154,7 +154,8 @@ def sentiment_judge(path: str, imdb_cfg: Any) -> Judge:
 
 
 def compare(
-    policy_dir: str | Path, baseline_dir: str | Path, reference_dir: str | Path, prompts: list[str], judge: Judge, *,
+    policy_dir: str | Path, baseline_dir: str | Path, reference_dir: str | Path, prompts: list[tuple[Message, ...]],
+    judge: Judge, *,
     template: dict[str, str], sampling: Sampling, samples_per_prompt: int, seed: int, max_prompt_len: int,
     num_report_samples: int, trust_remote_code: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
@@ -166,7 +167,7 @@ def compare(
     p_rows, p_resp = sample_responses(policy, prompts, sampling, n, seed, max_prompt_len)
     _, b_resp = sample_responses(baseline, prompts, sampling, n, seed, max_prompt_len)
     p_text, b_text = [decode(policy, r) for r in p_resp], [decode(baseline, r) for r in b_resp]
-    row_prompts = [p for p in prompts for _ in range(n)]
+    row_prompts = [prompt_text(p) for p in prompts for _ in range(n)]
     p_score, b_score = judge.score(row_prompts, p_text), judge.score(row_prompts, b_text)
     wins = sum(p > b for p, b in zip(p_score, b_score))
     ties = sum(p == b for p, b in zip(p_score, b_score))
@@ -193,6 +194,13 @@ def compare(
         out["sft_positive_share"] = sum(s > judge.threshold for s in b_score) / total
         out["ppo_positive_share"] = sum(s > judge.threshold for s in p_score) / total
     return out
+
+
+def prompt_text(messages: tuple[Message, ...]) -> str:
+    """A prompt as the judges and the report read it: a lone user turn's text, or every turn as `role: text`."""
+    if len(messages) == 1 and messages[0].role == "user":
+        return messages[0].content
+    return "\n".join(f"{m.role}: {m.content}" for m in messages)
 
 
 JUDGES = ("auto", "gold", "sentiment")
@@ -222,16 +230,16 @@ def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
     if judge == "gold" and d.path != "builtin":
         raise ValueError("the gold judge needs the built-in task (data.path=builtin)")
     if d.path == "builtin":
-        prompts = task.split_prompts(d.builtin.seed)[1]
+        prompts = [(Message("user", p),) for p in task.split_prompts(d.builtin.seed)[1]]
     elif d.format == "imdb":
-        prompts = [m[-1].content for m in imdb.prompts(d.path, d.imdb, "eval")]
+        prompts = list(imdb.prompts(d.path, d.imdb, "eval"))
     else:
         if d.eval_path is not None:
             held, _ = load_prompts(d.eval_path, d.format, on_error=d.on_error, split=d.split)
         else:
             train, _ = load_prompts(d.path, d.format, on_error=d.on_error, split=d.split)
             held = split_train_eval(train, d.eval_fraction, d.shuffle_seed)[1]
-        prompts = [m[-1].content for m in held]
+        prompts = list(held)  # whole conversations (system and earlier turns too), as PPO samples them
     if judge == "gold":
         made = gold_judge()
     else:  # the IMDB judge part: PPO's own IMDB settings, or conf/data/imdb.yaml's under its data root

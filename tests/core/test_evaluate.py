@@ -1,9 +1,20 @@
+import json
+
 import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from core.evaluate import Policy, Sampling, _run_config, sample_responses, sequence_logprobs, settings_from
+from core.evaluate import (
+    Policy,
+    Sampling,
+    _run_config,
+    prompt_text,
+    sample_responses,
+    sequence_logprobs,
+    settings_from,
+)
 from core.models import load_tokenizer
+from data.formats import Message
 from data.templates import PromptFormatter
 
 
@@ -42,7 +53,10 @@ def test_sample_responses_are_prompt_major_and_stop_after_eos():
     policy = Policy(model, tok, PromptFormatter(tok, **template))
     sampling = Sampling(max_new_tokens=8, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0,
                         prepack_weights=True)  # fmt: skip
-    prompts = ["count to three", "a much longer prompt than the first one"]
+    prompts = [
+        (Message("user", "count to three"),),
+        (Message("user", "a much longer prompt than the first one"),),
+    ]
     kw = dict(n=3, seed=0, max_prompt_len=64, batch_size=4)
     rows, responses = sample_responses(policy, prompts, sampling, **kw)
     assert len(rows) == len(responses) == 6
@@ -53,6 +67,31 @@ def test_sample_responses_are_prompt_major_and_stop_after_eos():
     again = sample_responses(policy, prompts, sampling, **kw)
     assert again == (rows, responses)  # seeded
     assert all("forward" not in vars(m) for m in model.modules())  # the prepacked layers were given back
+
+
+def test_held_out_conversations_are_sampled_whole(tmp_path, shared_data):
+    """`rlhf evaluate` (and the pipeline's report) sample a held-out multi-turn prompt with its system
+    message and earlier turns, formatted as PPO formats it; before, only its last user turn was kept."""
+    rows = [{"messages": [{"role": "system", "content": "be brief ."}, {"role": "user", "content": f"hi {i}"},
+                          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "count to three"}]}
+            for i in range(10)]  # fmt: skip
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = OmegaConf.create(OmegaConf.to_container(_run_config(tmp_path / "no-run" / "export")))
+    cfg.data_root, cfg.data.path, cfg.data.eval_path = str(shared_data), str(data), str(data)
+    prompts = settings_from(cfg, judge="sentiment")["prompts"]
+    assert len(prompts) == 10 and [m.role for m in prompts[0]] == ["system", "user", "assistant", "user"]
+    assert prompt_text(prompts[0]) == "system: be brief .\nuser: hi 0\nassistant: hello\nuser: count to three"
+    assert prompt_text((Message("user", "count to three"),)) == "count to three"
+
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    formatter = PromptFormatter(tok, **cfg.data.template)
+    policy = Policy(tiny_lm(len(tok), tok.pad_token_id), tok, formatter)
+    sampling = Sampling(max_new_tokens=2, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0,
+                        prepack_weights=False)  # fmt: skip
+    rows_ids, _ = sample_responses(policy, prompts[:1], sampling, n=1, seed=0, max_prompt_len=512)
+    assert rows_ids == [formatter.encode_prompt(prompts[0])]
+    assert len(rows_ids[0]) > len(formatter.encode_prompt(prompts[0][-1:]))  # more than the last turn
 
 
 def test_run_config_is_the_runs_own_with_later_keys_from_the_defaults(tmp_path):
