@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -232,26 +233,41 @@ def needs_universal(saved_world: int, saved_stage: int | None, world: int, stage
     )
 
 
-def universal_copy(engine_dir: Path) -> Path:
+def universal_copy(engine_dir: Path, poll_s: float = 1.0) -> Path:
     """`<engine_dir>/universal`: DeepSpeed's universal copy of the engine checkpoint in `engine_dir`,
     which any rank count can load, written by rank 0 the first time it is needed. Collective.
 
     Written beside the shards, so it goes when its checkpoint is pruned; it takes about as much disk
-    as the checkpoint's ZeRO state. Converted into a temporary directory and renamed into place, so
-    a crash during the conversion leaves no half-written copy to load.
+    as the checkpoint's ZeRO state (twice that while converting). Converted into a temporary
+    directory and renamed into place, so a crash during the conversion leaves no half-written copy.
+    The other ranks wait on the shared filesystem, not in a collective: converting a large model can
+    outlast the process group's timeout. If rank 0's conversion fails, it leaves a note that stops
+    them too, named for this attempt so that an older failure's note is not read.
     """
     final = engine_dir / UNIVERSAL
+    attempt = dist.all_gather_object(uuid.uuid4().hex if dist.is_main() else None)[0]
+    failed = engine_dir / f".{UNIVERSAL}.failed-{attempt}"
     if dist.is_main() and not final.is_dir():
         tmp = engine_dir / f".{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        for old in engine_dir.glob(f".{UNIVERSAL}.failed-*"):
+            old.unlink()
         started = time.perf_counter()
-        ds.to_universal(str(engine_dir), str(tmp))
-        fsync_tree(tmp)
-        os.replace(tmp, final)
-        fsync_dir(engine_dir)
+        try:
+            ds.to_universal(str(engine_dir), str(tmp))
+            fsync_tree(tmp)
+            os.replace(tmp, final)
+            fsync_dir(engine_dir)
+        except BaseException as e:
+            atomic_write_text(failed, f"{type(e).__name__}: {e}"[-4000:])
+            raise
         log.info(
             "resume: wrote DeepSpeed's universal copy %s in %.1f s", final, time.perf_counter() - started
         )
+    while not final.is_dir():
+        if failed.is_file():
+            raise RuntimeError(f"rank 0 could not write {final}: {failed.read_text()}")
+        time.sleep(poll_s)
     dist.barrier()
     return final
 

@@ -497,6 +497,9 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
 
 
+PARAM_GROUPS = "param_groups.pt"  # in a universal copy: the optimizer's saved param groups, without params
+
+
 def to_universal(checkpoint_dir: str, out_dir: str) -> None:
     """Write DeepSpeed's universal copy of one engine's ZeRO checkpoint (`ds_to_universal`): every
     parameter's whole fp32 weight and optimizer moments, which any rank count can share out again.
@@ -505,9 +508,10 @@ def to_universal(checkpoint_dir: str, out_dir: str) -> None:
     group and its threads must not do. `--inject_missing_state` adds the version record that only
     Megatron-DeepSpeed models write themselves (ZeRO-1/2 checkpoints of transformers models lack it).
     """
-    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    # each extraction worker loads one rank's whole optimizer shard, beside the run's own engines
+    extract = str(max(1, min(2, os.cpu_count() or 1)))
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", checkpoint_dir,
-           "--output_folder", out_dir, "--num_extract_workers", workers, "--num_merge_workers", workers,
+           "--output_folder", out_dir, "--num_extract_workers", extract, "--num_merge_workers", "1",
            "--inject_missing_state"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -517,6 +521,14 @@ def to_universal(checkpoint_dir: str, out_dir: str) -> None:
         )
     # it also points a `latest_universal` file beside out_dir at out_dir's name; the caller names what it loads
     (Path(out_dir).parent / "latest_universal").unlink(missing_ok=True)
+    optimizer_state = Path(out_dir) / "zero" / "optimizer_state.pt"
+    if optimizer_state.is_file():  # ZeRO-3: its saved param groups, for `_mend_zero3_universal_load`
+        saved = torch.load(optimizer_state, map_location="cpu", weights_only=False)
+        groups = [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in saved["optimizer_state_dict"]["param_groups"]
+        ]
+        torch.save(groups, Path(out_dir) / PARAM_GROUPS)
 
 
 def load_universal_checkpoint(engine, load_dir: str, tag: str) -> None:
@@ -540,9 +552,10 @@ def load_universal_checkpoint(engine, load_dir: str, tag: str) -> None:
 def _mend_zero3_universal_load(optimizer, folder: Path) -> None:
     """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19, `load_hp_checkpoint_state_from_checkpoint_dir_stage3`).
 
-    - It gives every parameter sub-group one and the same `step` tensor, and torch's Adam advances a
-      step tensor in place, once per sub-group: with weights and norms in two groups the count went
-      3 -> 5 in one step, and the norms' update came out 8 % short (the built-in SFT).
+    - It gives every parameter sub-group one and the same `step` tensor, and torch's AdamW (the CPU
+      optimizer here) advances a step tensor in place, once per sub-group: with weights and norms in
+      two sub-groups the count went 3 -> 5 in one step, and the norms' update came out 8 % short (the
+      built-in SFT). DeepSpeed's FusedAdam and CPUAdam count steps as numbers, which this leaves be.
     - It gives every param group the first group's hyperparameters, so the no-decay group (norms,
       biases) took the weight decay of the others.
     Each sub-group gets its own step, and each group its own saved hyperparameters, as the ZeRO-1/2
@@ -556,8 +569,11 @@ def _mend_zero3_universal_load(optimizer, folder: Path) -> None:
             if id(step) in seen:
                 state[flat]["step"] = step.clone()
             seen.add(id(step))
-    saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
-    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    if (folder / PARAM_GROUPS).is_file():  # written by `to_universal`: a few numbers per group
+        saved_groups = torch.load(folder / PARAM_GROUPS, weights_only=True)
+    else:  # a copy converted by hand: the groups sit in rank 0's whole optimizer state
+        saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        saved_groups = saved["optimizer_state_dict"]["param_groups"]
     groups = optimizer.optimizer.param_groups
     if len(saved_groups) != len(groups):
         raise RuntimeError(

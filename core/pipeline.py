@@ -49,6 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 from core import dist
 from core.checkpoint import EXPORT_INFO, atomic_write_text
 from core.deepspeed import ConfigError
+from core.models import TRAIN_TOKENIZER
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ UNHASHED = ("logger", "train.resume", "train.keep_freed_memory")
 # Config keys (their last part) whose value names what a stage reads: a local file or directory there
 # counts by its files' sizes and modification times too, so editing it in place re-runs the stage.
 INPUT_KEYS = ("name_or_path", "tokenizer", "path", "eval_path", "workload")
+PLACEHOLDERS = (
+    "",
+    "builtin",
+    TRAIN_TOKENIZER,
+)  # values of those keys that name no path, whatever the directory holds
 STAGE_STATE = "pipeline_stage.json"  # <stage dir>/ at the start; <stage dir>/export/ when finished
 # One `rlhf pipeline` command (every job of its sweep): pipeline.from_stage re-runs a stage once per command
 INVOCATION_ENV = "RLHF_PIPELINE_INVOCATION"
@@ -239,7 +245,7 @@ def input_files(plain: dict[str, Any]) -> dict[str, list[Any]]:
         if key.rsplit(".", 1)[-1] not in INPUT_KEYS:
             continue
         for v in value if isinstance(value, list) else [value]:
-            if not isinstance(v, str) or not v or not (p := Path(v)).exists():
+            if not isinstance(v, str) or v in PLACEHOLDERS or not (p := Path(v)).exists():
                 continue
             if p.is_dir():
                 files = sorted(f for f in p.rglob("*") if f.is_file())

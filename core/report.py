@@ -36,6 +36,9 @@ from core.logging import METRICS_FILE  # noqa: E402
 log = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD, REPORT_HTML, EVAL_JSON = "report.json", "report.md", "report.html", "eval.json"
+# Part of eval.json's key: raised when the evaluation itself changes, so a cached result is redone once
+# (2: held-out conversations are sampled whole, not as their last user turn)
+EVAL_VERSION = 2
 # (file, title, y label, stage, [(metric key, legend label)]): curves against the step
 CURVES = (
     ("sft_loss.png", "SFT loss", "cross-entropy (nats/token)", "sft",
@@ -213,7 +216,7 @@ def _evaluate(
     # the export's own record (its command's id, its wall time) tells one PPO run from another
     export_record = (ppo_dir / "export" / "pipeline_stage.json").read_text()
     eval_key = hashlib.sha256(
-        json.dumps([keys["ppo"], export_record, OmegaConf.to_container(cfg.eval)]).encode()
+        json.dumps([EVAL_VERSION, keys["ppo"], export_record, OmegaConf.to_container(cfg.eval)]).encode()
     ).hexdigest()
     cached = run_dir / EVAL_JSON
     if not ppo_ran and cached.is_file() and json.loads(cached.read_text()).get("key") == eval_key:

@@ -10,6 +10,7 @@ from core.checkpoint import (
     atomic_write_text,
     check_resume_layout,
     latest_checkpoint,
+    load_checkpoint,
     needs_universal,
     newest_export,
     resume_layout_error,
@@ -149,3 +150,57 @@ def test_newest_export_reads_the_previous_export_left_by_a_crashed_swap(tmp_path
     # once its swap completes, its new export is the one, and export.old is not considered
     swapped = export("b", "export")
     assert newest_export(tmp_path, "sft") == swapped
+
+
+def test_another_rank_count_loads_each_engine_through_one_universal_copy(tmp_path, monkeypatch):
+    """Rank 0 converts each engine's shards once, into `<engine dir>/universal` (PPO: actor/, critic/),
+    over a stale temporary left by a crash; a later resume reuses the copy; a failed conversion leaves a
+    note that stops the other ranks too."""
+    from core import deepspeed as ds
+
+    ckpt = make_ckpt(tmp_path, "step-00000010")
+    state = {"step": 10, "world_size": 2, "zero_stages": {"actor": 3, "critic": 3}}
+    (ckpt / TRAINER_STATE).write_text(json.dumps(state))
+    for name in ("actor", "critic"):
+        (ckpt / name).mkdir()
+        (ckpt / name / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")
+    (ckpt / "actor" / ".universal.tmp").mkdir()  # a conversion cut short
+    (ckpt / "actor" / ".universal.tmp" / "half").write_text("x")
+    converted, loaded = [], []
+
+    def to_universal(src, out):
+        converted.append(
+            (src, Path(out).name, sorted(p.name for p in Path(out).iterdir()) if Path(out).exists() else [])
+        )
+        (Path(out) / "zero").mkdir(parents=True)
+
+    monkeypatch.setattr(ds, "to_universal", to_universal)
+    monkeypatch.setattr(ds, "load_universal_checkpoint", lambda e, d, tag: loaded.append((e.stage, d, tag)))
+    monkeypatch.setattr(
+        ds, "load_checkpoint", lambda *a: pytest.fail("a direct load of another rank count's shards")
+    )
+    engines = {"actor": FakeEngine(3), "critic": FakeEngine(3)}
+    assert load_checkpoint(engines, ckpt)["step"] == 10
+    assert converted == [
+        (str(ckpt / "actor"), ".universal.tmp", []),
+        (str(ckpt / "critic"), ".universal.tmp", []),
+    ]
+    assert loaded == [(3, str(ckpt / "actor"), "universal"), (3, str(ckpt / "critic"), "universal")]
+    assert sorted(p.name for p in (ckpt / "actor").iterdir() if p.is_dir()) == ["universal"]
+    load_checkpoint(engines, ckpt)
+    assert len(converted) == 2 and len(loaded) == 4  # the copies are reused
+
+    one = make_ckpt(tmp_path, "step-00000020")  # one engine: its shards sit in the step directory itself
+    (one / TRAINER_STATE).write_text(json.dumps({"step": 20, "world_size": 4, "zero_stages": {"model": 2}}))
+
+    def fails(src, out):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ds, "to_universal", fails)
+    with pytest.raises(RuntimeError, match="disk full"):
+        load_checkpoint(FakeEngine(2), one)
+    (note,) = one.glob(".universal.failed-*")
+    assert "disk full" in note.read_text() and not (one / "universal").exists()
+    monkeypatch.setattr(ds, "to_universal", to_universal)
+    load_checkpoint(FakeEngine(1), one)  # ZeRO-2 shards into ZeRO-1 under another rank count
+    assert loaded[-1] == (1, str(one), "universal") and not list(one.glob(".universal.failed-*"))
