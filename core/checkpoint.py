@@ -60,10 +60,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def fsync_tree(path: Path) -> None:
     """Force every file under `path`, and the directories themselves, to disk (so that a power cut
-    after a rename cannot leave the renamed name pointing at empty or short files)."""
+    after a rename cannot leave the renamed name pointing at empty or short files).
+
+    Every rank runs it over the checkpoint directory while the others may still be writing there: a
+    file that vanishes between the listing and the open is another rank's temporary, renamed into
+    place by a writer (safetensors' `save_file` writes `.tmpXXXX` first), which syncs its own files.
+    """
     for d, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:

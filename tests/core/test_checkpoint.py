@@ -204,3 +204,21 @@ def test_another_rank_count_loads_each_engine_through_one_universal_copy(tmp_pat
     monkeypatch.setattr(ds, "to_universal", to_universal)
     load_checkpoint(FakeEngine(1), one)  # ZeRO-2 shards into ZeRO-1 under another rank count
     assert loaded[-1] == (1, str(one), "universal") and not list(one.glob(".universal.failed-*"))
+
+
+def test_fsync_tree_skips_a_file_another_rank_renamed_away(tmp_path, monkeypatch):
+    """Every rank syncs the whole checkpoint directory while the others may still write there, and
+    safetensors writes a `.tmpXXXX` file first: one listed and then renamed must not fail the save (it
+    did, on two ranks saving EMA shards)."""
+    import os
+
+    from core import checkpoint
+
+    (tmp_path / "tensors_rank0.safetensors").write_text("x")
+    listing = [(str(tmp_path), [], ["tensors_rank0.safetensors", ".tmpcssYtm"])]  # the second is gone
+    monkeypatch.setattr(checkpoint.os, "walk", lambda path: iter(listing))
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    checkpoint.fsync_tree(tmp_path)
+    assert len(synced) == 2  # the file that is there, and the directory

@@ -131,7 +131,10 @@ def test_two_ranks_zero3_partition_all_four_models(exports, tmp_path):
     run = tmp_path / "z3"
     run_stage("ppo", *ppo_args(exports, run, "deepspeed@actor_ds=zero3", "deepspeed@critic_ds=zero3", "deepspeed@frozen_ds=zero3",
                                "train.max_steps=2", "train.eval_every=0", "rollout.batch_size=16",
-                               "train.micro_batch_size_per_device=4", "train.grad_accum_steps=2"),
+                               "train.micro_batch_size_per_device=4", "train.grad_accum_steps=2",
+                               # each rank saves its EMA shard (safetensors) while the others sync the directory: the
+                               # race this once lost depends on timing (tests/core: test_fsync_tree_skips_...)
+                               "ppo.ema_decay=0.99", "train.save_every=1"),
               launcher=deepspeed_launcher(2), timeout=600)  # fmt: skip
     rows = read_metrics(run)
     for role in ("actor", "critic", "ref", "reward"):
@@ -142,6 +145,9 @@ def test_two_ranks_zero3_partition_all_four_models(exports, tmp_path):
             )
     assert len(metric_series(rows, "ppo/reward")) == 2
     AutoModelForCausalLM.from_pretrained(run / "export")
+    AutoModelForCausalLM.from_pretrained(run / "export_ema")
+    assert {p.name for p in (run / "checkpoints" / "step-00000002").glob("tensors_rank*")} == {
+        "tensors_rank0.safetensors", "tensors_rank1.safetensors"}  # fmt: skip
 
 
 @pytest.mark.shared_data
