@@ -326,8 +326,10 @@ def load_checkpoint(engines, checkpoint: Path) -> dict[str, Any]:
         )
         saved_stage = state.get("zero_stages", {}).get(name)
         if needs_universal(saved_world, saved_stage, dist.world_size(), ds.zero_stage(engine)):
-            log.info("resume: %s was written by %d rank(s) at ZeRO stage %d; this run has %d: loading it through "
-                     "DeepSpeed's universal checkpoint", load_dir / tag, saved_world, saved_stage, dist.world_size())  # fmt: skip
+            log.info(
+                "resume: %s was written by %d rank(s) at ZeRO stage %d; this run has %d: loading it through "
+                "DeepSpeed's universal checkpoint", load_dir / tag, saved_world, saved_stage, dist.world_size(),
+            )  # fmt: skip
             uni = universal_copy(load_dir / tag)
             ds.load_universal_checkpoint(engine, str(uni.parent), uni.name)
         else:

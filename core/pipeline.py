@@ -65,11 +65,8 @@ UNHASHED = ("logger", "train.resume", "train.keep_freed_memory")
 # Config keys (their last part) whose value names what a stage reads: a local file or directory there
 # counts by its files' sizes and modification times too, so editing it in place re-runs the stage.
 INPUT_KEYS = ("name_or_path", "tokenizer", "path", "eval_path", "workload")
-PLACEHOLDERS = (
-    "",
-    "builtin",
-    TRAIN_TOKENIZER,
-)  # values of those keys that name no path, whatever the directory holds
+# Values of those keys that name no path, whatever the working directory holds
+PLACEHOLDERS = ("", "builtin", TRAIN_TOKENIZER)
 STAGE_STATE = "pipeline_stage.json"  # <stage dir>/ at the start; <stage dir>/export/ when finished
 # One `rlhf pipeline` command (every job of its sweep): pipeline.from_stage re-runs a stage once per command
 INVOCATION_ENV = "RLHF_PIPELINE_INVOCATION"
