@@ -513,7 +513,9 @@ def to_universal(checkpoint_dir: str, out_dir: str) -> None:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", checkpoint_dir,
            "--output_folder", out_dir, "--num_extract_workers", extract, "--num_merge_workers", "1",
            "--inject_missing_state"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # it reads and writes files only: no GPU context beside rank 0's resident engines
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(
             f"DeepSpeed's ds_to_universal failed on {checkpoint_dir} ({proc.returncode}):\n{proc.stdout[-2000:]}"
