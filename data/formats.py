@@ -459,25 +459,32 @@ def _ranked_pairs(
     return pairs
 
 
-def _oasst_tree(root: dict, where: str) -> list[PreferencePair]:
-    pairs: list[PreferencePair] = []
+def _oasst_turns(root: dict, where: str) -> Iterator[tuple[tuple[Message, ...], list[dict]]]:
+    """Each prompter message of an OpenAssistant tree, depth first: (the conversation up to and
+    including it, its assistant replies that are not deleted)."""
 
-    def walk(node: dict, history: tuple[Message, ...]) -> None:  # node: a prompter message
+    def walk(node: dict, history: tuple[Message, ...]):  # node: a prompter message
         prompt = (*history, Message("user", require_str(node, "text", where)))
         replies = [
             r for r in node.get("replies") or [] if r.get("role") == "assistant" and not r.get("deleted")
         ]
-        pairs.extend(
-            _ranked_pairs(
-                prompt, [(r["rank"], r["text"]) for r in replies if isinstance(r.get("rank"), int)], where
-            )
-        )
+        yield prompt, replies
         for reply in replies:
             for child in reply.get("replies") or []:
                 if child.get("role") == "prompter" and not child.get("deleted"):
-                    walk(child, (*prompt, Message("assistant", reply["text"])))
+                    yield from walk(child, (*prompt, Message("assistant", reply["text"])))
 
-    walk(root, ())
+    yield from walk(root, ())
+
+
+def _oasst_tree(root: dict, where: str) -> list[PreferencePair]:
+    pairs = [
+        pair
+        for prompt, replies in _oasst_turns(root, where)
+        for pair in _ranked_pairs(
+            prompt, [(r["rank"], r["text"]) for r in replies if isinstance(r.get("rank"), int)], where
+        )
+    ]
     if not pairs:
         raise SkippedRecord(f"{where}: no ranked sibling replies")
     return pairs
@@ -552,8 +559,29 @@ def _conversation_prompt(name: str) -> Callable[[dict[str, Any], str], list[tupl
     return parse
 
 
+def _ranked_prompts(row: dict, where: str) -> list[tuple[Message, ...]]:
+    if isinstance(row.get("prompt"), dict):  # an OpenAssistant tree: every prompter turn
+        return [prompt for prompt, _ in _oasst_turns(row["prompt"], where)]
+    return [_prompt_messages(row, where)]
+
+
+# The prompt of a preference record, read without judging its replies: a pair whose replies are
+# identical or empty is no use to a reward model, but its prompt is a good rollout prompt.
+_PREFERENCE_PROMPTS: dict[str, Callable[[dict[str, Any], str], list[tuple[Message, ...]]]] = {
+    "pairwise": lambda row, where: [_prompt_messages(row, where)],
+    "hh": lambda row, where: [
+        split_hh(require_str(row, "chosen", where), require_str(row, "rejected", where), where)[0]
+    ],
+    "sharegpt_pairs": lambda row, where: [
+        parse_messages(require_list(row, "conversations", where), where, "conversations", "from", "value")
+    ],
+    "ranked": _ranked_prompts,
+}
+assert _PREFERENCE_PROMPTS.keys() == PREFERENCE_FORMATS.keys()
+
+
 def _preference_prompts(name: str) -> Callable[[dict[str, Any], str], list[tuple[Message, ...]]]:
-    return lambda row, where: [_ends_with_user(p.prompt, where) for p in PREFERENCE_FORMATS[name](row, where)]
+    return lambda row, where: [_ends_with_user(p, where) for p in _PREFERENCE_PROMPTS[name](row, where)]
 
 
 PROMPT_FORMATS: dict[str, Callable[[dict[str, Any], str], list[tuple[Message, ...]]]] = {
@@ -583,7 +611,8 @@ def load_prompts(
     """Rollout prompts (messages ending with a user turn) from any prompt-bearing format, deduplicated.
 
     Formats: `prompt` ({"prompt": str | messages}), `sft:<alpaca|messages|sharegpt>` (the turns
-    before the last reply), `pref:<pairwise|hh|sharegpt_pairs|ranked>` (the pair's prompt); the
+    before the last reply), `pref:<pairwise|hh|sharegpt_pairs|ranked>` (the prompt, whatever its
+    replies; every user turn of an OpenAssistant tree); the
     names without their prefix work too.
     """
     if fmt in SFT_FORMATS and fmt != "prompt":  # the stage formats' own names work too

@@ -167,6 +167,42 @@ def test_load_prompts_from_every_prompt_bearing_format(tmp_path):
             assert prompts == [(Message("user", "hi"),)], (fmt, given, prompts)  # deduplicated
 
 
+def test_preference_records_give_their_prompt_whatever_their_replies(tmp_path):
+    """A pair a reward model cannot use (identical or empty replies, tied ranks) is still a good
+    rollout prompt; an OpenAssistant tree gives every user turn, ranked replies or not."""
+    from data.formats import load_preferences, load_prompts
+
+    def hh(a: str, b: str) -> dict:
+        return {"chosen": f"\n\nHuman: q\n\nAssistant: {a}", "rejected": f"\n\nHuman: q\n\nAssistant: {b}"}
+
+    tree = {"prompt": {"role": "prompter", "text": "q", "replies": [
+        {"role": "assistant", "text": "a", "rank": 0, "replies": [
+            {"role": "prompter", "text": "again", "replies": [{"role": "assistant", "text": "b"}]}]}]}}  # fmt: skip
+    rows = {
+        "pairwise": [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "", "rejected": "b"}],
+        "hh": [hh("same", "same"), hh("", "b")],
+        "sharegpt_pairs": [{"conversations": [{"from": "human", "value": "q"}], "chosen": "x", "rejected": "x"}],
+        "ranked": [{"prompt": "q", "responses": ["a", "b"], "ranks": [1, 1]}],
+    }  # fmt: skip
+    for fmt, records in rows.items():
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in records))
+        with pytest.raises(DataError, match="no usable records"):
+            load_preferences(str(path), fmt)  # no pair to learn from
+        assert load_prompts(str(path), fmt)[0] == [(Message("user", "q"),)], fmt
+    path = tmp_path / "tree.jsonl"
+    path.write_text(json.dumps(tree))
+    prompts, report = load_prompts(str(path), "ranked")
+    assert (
+        prompts
+        == [
+            (Message("user", "q"),),
+            (Message("user", "q"), Message("assistant", "a"), Message("user", "again")),
+        ]
+        and not report.skipped
+    )
+
+
 def test_a_prompt_that_does_not_end_with_a_user_turn_is_one_bad_record(tmp_path):
     from data.formats import load_prompts
 
