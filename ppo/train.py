@@ -537,7 +537,7 @@ class PPORecipe:
         # pg, vf, clipfrac, vclipfrac, approxkl, ptx, micro count: summed on the device, one sync per step
         sums = torch.zeros(7, device=self.device)
         one = torch.ones((), device=self.device)
-        stop = False
+        stop, updates = False, 0
         for epoch, order in enumerate(self._epoch_orders(step, B)):  # same shuffles on resume
             # global valid tokens per minibatch / (ranks x accum): the loss normaliser (one all-reduce per epoch)
             local = [
@@ -585,6 +585,7 @@ class PPORecipe:
                     sums += torch.stack([pl.loss.detach() * to_token_mean, vl.loss.detach() * to_token_mean,
                                          pl.clipfrac, vl.clipfrac, pl.approxkl, ptx.detach(), one]).float()  # fmt: skip
                     mb_kl += pl.approxkl
+                updates += 1
                 if p.early_stop_kl is not None:
                     (kl_sum,) = self._reduce([float(mb_kl) / accum])  # a sync per minibatch, only when asked
                     if kl_sum / self.world > p.early_stop_kl:
@@ -592,6 +593,11 @@ class PPORecipe:
                         break
             if stop:
                 break
+        # the updates an early stop skipped still advance both learning-rate schedules, which count
+        # every epoch of every step (`n_updates`): the rate is a function of the PPO step
+        for engine in (self.actor, self.critic):
+            for _ in range(p.epochs * n_mb - updates):
+                engine.lr_scheduler.step()
         self.critic_graphs = {}  # an early stop may leave some unused
         total = self._reduce(sums.tolist())
         n = max(total[6], 1.0)

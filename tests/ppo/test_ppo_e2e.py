@@ -169,12 +169,17 @@ def test_other_knobs_run_ptx_kl_as_loss_entropy_early_stop(exports, tmp_path):
     run_stage("ppo", *ppo_args(exports, run, "train.max_steps=2", "train.eval_every=0", "ptx.coef=0.5",
                                "ppo.kl_in=loss", "ppo.kl_estimator=k3", "ppo.entropy_coef=0.01", "ppo.early_stop_kl=-1.0",
                                "ppo.epochs=3", "rollout.top_k=5", "rollout.top_p=0.9", "rollout.min_new_tokens=2",
-                               "ppo.value_clip_eps=null", "ppo.whiten_advantages=false"))  # fmt: skip
+                               "ppo.value_clip_eps=null", "ppo.whiten_advantages=false",
+                               "actor_optim.lr=1e-5", "actor_optim.min_lr_ratio=0.1"))  # fmt: skip
     rows = read_metrics(run)
     ptx = [v for _, v in metric_series(rows, "ppo/ptx_loss")]
     assert len(ptx) == 2 and all(0 < v < 20 for v in ptx)
     # a threshold below any KL stops each update after its first minibatch: 1 of 3 epochs x 2 minibatches
     assert [v for _, v in metric_series(rows, "ppo/epochs_done")] == [0.5, 0.5]
+    # the skipped updates still count in the cosine schedule of 2 steps x 3 epochs x 2 minibatches:
+    # half-way (0.1 + 0.9 x 0.5) after step 1, at its floor after step 2
+    lr = [v for _, v in metric_series(rows, "train/actor_lr")]
+    assert lr == pytest.approx([0.55e-5, 0.1e-5], rel=1e-6), lr
     assert min(v for _, v in metric_series(rows, "ppo/response_len")) >= 2
 
 
