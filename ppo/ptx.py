@@ -6,13 +6,17 @@ so the policy keeps the abilities RLHF would otherwise erode ("alignment tax").
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from core import dist
 from data.builtin import sft_conversations
 from data.collate import GlobalBatches, collate
-from data.formats import load_conversations
-from data.templates import PromptFormatter
+from data.formats import DataError, load_conversations
+from data.templates import IGNORE_INDEX, PromptFormatter
+
+log = logging.getLogger(__name__)
 
 
 class PtxData:
@@ -23,7 +27,15 @@ class PtxData:
             convs, _ = sft_conversations(cfg.builtin_demonstrations, task_seed, 0.0)
         else:
             convs, _ = load_conversations(cfg.path, cfg.format)
-        self.examples = [formatter.encode(c, max_len=max_len) for c in convs]
+        encoded = [formatter.encode(c, max_len=max_len) for c in convs]
+        # a cut that removed every target would make a micro-batch of them a 0/0 (NaN) token mean
+        self.examples = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels[1:])]
+        if len(self.examples) < len(encoded):
+            log.warning("ptx: %d of %d demonstrations have no reply left within %d tokens; left out",
+                        len(encoded) - len(self.examples), len(encoded), max_len)  # fmt: skip
+        if not self.examples:
+            raise DataError(f"ptx.path={cfg.path}: no demonstration keeps any reply token within {max_len} "
+                            "tokens (data.max_len + rollout.max_new_tokens)")  # fmt: skip
         self.pad_id = formatter.tokenizer.pad_token_id
         self.batches = GlobalBatches(len(self.examples), cfg.micro_batch_size_per_device, 1, world, seed)
         self.calls = 0  # how many micro-batches were drawn (restored on resume through the step count)
