@@ -627,7 +627,7 @@ class PPORecipe:
             if (t.eval_every and self.step % t.eval_every == 0) or final:
                 metrics |= self.evaluate()
                 self.logger.log_samples(samples[: t.num_samples], self.step)
-            if self.step % t.log_every == 0 or final:
+            if (t.log_every and self.step % t.log_every == 0) or final:
                 self.logger.log(metrics, self.step)
             self.logger.advance(self.step)
             if (t.save_every and self.step % t.save_every == 0) or final:

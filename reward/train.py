@@ -230,7 +230,7 @@ class RewardRecipe:
                 sums += torch.stack([loss.detach(), accuracy(chosen, rejected)])
             self.step += 1
             metrics = {"time/step_s": time.perf_counter() - start}
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if (t.log_every and self.step % t.log_every == 0) or self.step == t.max_steps:
                 loss_sum, acc_sum = dist.all_reduce_sum(sums.tolist(), self.device)
                 n = len(micro) * dist.world_size()
                 metrics |= {

@@ -147,7 +147,7 @@ class SFTRecipe:
             loss_sum, targets = self._train_step(self.step)
             self.step += 1
             metrics = {"time/step_s": time.perf_counter() - start}
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if (t.log_every and self.step % t.log_every == 0) or self.step == t.max_steps:
                 total_loss, total_targets = dist.all_reduce_sum([loss_sum, targets], self.device)
                 metrics |= {
                     "train/loss": total_loss / total_targets,

@@ -53,13 +53,14 @@ def test_sft_default_learns_and_exports_a_loadable_model(tmp_path):
 
 def test_multirun_sweep_gives_each_job_its_own_directory(tmp_path):
     sweep = tmp_path / "sweep"
-    run_stage(
-        "sft", "-m", "optim.lr=1e-3,3e-3", "experiment=quick", "train.max_steps=3", f"hydra.sweep.dir={sweep}"
-    )
+    run_stage("sft", "-m", "optim.lr=1e-3,3e-3", "experiment=quick", "train.max_steps=3", "train.log_every=0",
+              f"hydra.sweep.dir={sweep}")  # fmt: skip
     for job, lr in (("0", 1e-3), ("1", 3e-3)):
         assert (sweep / job / "export" / "model.safetensors").is_file()
         cfg = OmegaConf.load(sweep / job / ".hydra" / "config.yaml")
         assert cfg.optim.lr == pytest.approx(lr)
+        # log_every=0, like eval_every and save_every: the end only
+        assert [step for step, _ in metric_series(read_metrics(sweep / job), "train/loss")] == [3]
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
