@@ -46,7 +46,7 @@ from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from core import dist
+from core import checkpoint, dist
 from core.checkpoint import EXPORT_INFO, atomic_write_text
 from core.deepspeed import ConfigError
 from core.models import TRAIN_TOKENIZER
@@ -200,6 +200,32 @@ def compose_stage(
             raise ConfigError(f"{stage}.{key}={value!r}: {e}") from e
     OmegaConf.resolve(cfg)
     return cfg
+
+
+# Model roles a stage fills, when null, with the newest export of a stage's own runs (`python -m ppo`
+# alone does): role -> the stage whose runs under the config's runs_dir it reads.
+NEWEST_EXPORT = {"ppo": {"actor": "sft", "reward_model": "reward"}}
+
+
+def resolve_newest_exports(stage: str, cfg: DictConfig) -> None:
+    """Fill the null model paths that the stage would fill at run time with the newest export under its
+    `runs_dir` (PPO's actor and reward model when the pipeline runs PPO without SFT or reward), in place.
+
+    Resolved here, at planning, the path is part of the stage's config and key (its files counted by
+    `input_files`): a newer `python -m sft` export re-runs the stage instead of leaving a PPO run
+    trained from the older one "up to date". Roles filled by a hand-off are not null here.
+    """
+    for role, source in NEWEST_EXPORT.get(stage, {}).items():
+        if cfg[role].name_or_path is not None:
+            continue
+        found = checkpoint.newest_export(cfg.runs_dir, source)
+        if found is None:
+            raise ConfigError(
+                f"{stage}.{role}.name_or_path is null and there is no `{source}` export under "
+                f"{cfg.runs_dir}/{source}/: add {source} to pipeline.stages, run `python -m {source}` first, "
+                f"or give {stage}.{role}.name_or_path=DIR"
+            )
+        cfg[role].name_or_path = str(found.resolve())
 
 
 def stage_key(
@@ -438,6 +464,7 @@ class Pipeline:
             stage_cfg = compose_stage(
                 stage, OmegaConf.to_container(self.cfg[stage]), handoff, self.cfg.data_root
             )
+            resolve_newest_exports(stage, stage_cfg)
             keys[stage] = stage_key(stage, stage_cfg, inputs, handoff, world_description(self.cfg.launcher))
             dirs[stage] = self.stage_dir(stage, keys[stage])
             plans.append((stage, stage_cfg, inputs))

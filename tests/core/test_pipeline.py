@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from core import pipeline
+from core.checkpoint import EXPORT_INFO
 from core.deepspeed import ConfigError
 from tests.conftest import CORES_PER_TEST, ROOT, read_metrics, run_stage, stage_env
 
@@ -135,6 +136,41 @@ def test_stage_key_counts_the_local_files_a_stage_reads(tmp_path):
         node.pop(leaf, None)
     old = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     assert pipeline.stage_key("sft", hub, {}, {}, "1") == old
+
+
+def test_ppo_without_its_upstream_stages_keys_the_newest_exports_it_will_read(tmp_path):
+    """pipeline.stages=[ppo] with null model paths: PPO reads the newest `python -m sft` / `reward`
+    exports, so the plan resolves them, and a newer export changes the key (the stage re-runs)."""
+
+    def export(stage: str, run: str) -> Path:
+        path = tmp_path / stage / run / "export"
+        path.mkdir(parents=True)
+        (path / EXPORT_INFO).write_text("{}")
+        return path
+
+    sft_old, rm = export("sft", "a"), export("reward", "a")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = pipeline.compose_stage("ppo", {"runs_dir": str(tmp_path)}, {}, "/d")
+        handed = pipeline.compose_stage("ppo", {"runs_dir": str(tmp_path)}, {"actor": "/x/sft/export"}, "/d")
+    pipeline.resolve_newest_exports("ppo", cfg)
+    assert (cfg.actor.name_or_path, cfg.reward_model.name_or_path) == (str(sft_old), str(rm))
+    assert cfg.ref.name_or_path is None and cfg.critic.name_or_path is None  # PPO copies them from those
+    key = pipeline.stage_key("ppo", cfg, {}, {}, "1")
+    pipeline.resolve_newest_exports("ppo", handed)
+    assert handed.actor.name_or_path == "/x/sft/export"  # a hand-off stays
+
+    time.sleep(0.01)
+    sft_new = export("sft", "b")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        again = pipeline.compose_stage("ppo", {"runs_dir": str(tmp_path)}, {}, "/d")
+    pipeline.resolve_newest_exports("ppo", again)
+    assert again.actor.name_or_path == str(sft_new)
+    assert pipeline.stage_key("ppo", again, {}, {}, "1") != key
+
+    shutil.rmtree(tmp_path / "reward")
+    again.reward_model.name_or_path = None
+    with pytest.raises(ConfigError, match="no `reward` export under .*add reward to pipeline.stages"):
+        pipeline.resolve_newest_exports("ppo", again)
 
 
 def test_a_forced_stage_runs_once_per_command(tmp_path, monkeypatch):
@@ -256,10 +292,16 @@ def test_rerun_skips_done_stages_and_reruns_what_changed(copy_of):
 def test_a_pipeline_of_ppo_alone_evaluates_against_the_reference_ppo_used(copy_of):
     run = copy_of
     sft, rm = (str((run / s / "export").resolve()) for s in ("sft", "reward"))
-    run_pipeline(f"hydra.run.dir={run}/alone", "pipeline.stages=[ppo]", f"ppo.actor.name_or_path={sft}",
+    # the actor as `python -m ppo` alone finds it: the newest export under runs_dir/sft/*/export
+    runs = run / "runs"
+    (runs / "sft" / "a").mkdir(parents=True)
+    (runs / "sft" / "a" / "export").symlink_to(sft)
+    run_pipeline(f"hydra.run.dir={run}/alone", "pipeline.stages=[ppo]", f"ppo.runs_dir={runs}",
                  f"ppo.reward_model.name_or_path={rm}")  # fmt: skip
     report = json.loads((run / "alone" / "report.json").read_text())
     assert actions(run / "alone") == {"ppo": "run"} and isinstance(report["win_rate"], float)
+    staged = OmegaConf.load(run / "alone" / "ppo" / "pipeline_stage_config.yaml")
+    assert staged.actor.name_or_path == sft  # resolved at planning, so the stage key counts it
     result = json.loads((run / "alone" / "eval.json").read_text())["result"]
     assert result["baseline"] == sft and result["baseline_name"] == "reference"
 
