@@ -544,16 +544,20 @@ _CONVERSATION_FIELDS = {
 
 def _conversation_prompt(name: str) -> Callable[[dict[str, Any], str], list[tuple[Message, ...]]]:
     """The prompt part of an SFT record: its messages before the final assistant reply, or all of
-    them when a message list ends with a user turn (a prompt-only file in the same layout)."""
+    them when a message list ends with a user turn (a prompt-only file in the same layout). The
+    final reply is not read, so it may be empty (a placeholder in a prompt-only export)."""
 
     def parse(row: dict[str, Any], where: str) -> list[tuple[Message, ...]]:
         if name in _CONVERSATION_FIELDS:
             key, role, text = _CONVERSATION_FIELDS[name]
-            messages = parse_messages(require_list(row, key, where), where, key, role, text)
-            if messages and messages[-1].role == "assistant":
-                messages = messages[:-1]
-        else:
-            messages = SFT_FORMATS[name](row, where)[:-1]
+            items = require_list(row, key, where)
+            roles = SHAREGPT_ROLES if role == "from" else {r: r for r in ROLES}
+            last = items[-1].get(role) if isinstance(items[-1], dict) else None
+            if isinstance(last, str) and roles.get(last) == "assistant":
+                items = items[:-1]
+            messages = parse_messages(items, where, key, role, text)
+        else:  # alpaca: instruction, input and system, whatever the output
+            messages = _alpaca({**row, "output": "-"}, where)[:-1]
         return [_ends_with_user(messages, where)]
 
     return parse

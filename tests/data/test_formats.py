@@ -167,6 +167,21 @@ def test_load_prompts_from_every_prompt_bearing_format(tmp_path):
             assert prompts == [(Message("user", "hi"),)], (fmt, given, prompts)  # deduplicated
 
 
+def test_sft_records_give_their_prompt_whatever_their_final_reply(tmp_path):
+    """A prompt-only export in an SFT layout often leaves the reply empty: it is not read."""
+    from data.formats import load_prompts
+
+    rows = {
+        "alpaca": {"instruction": "q", "output": ""},
+        "messages": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+        "sharegpt": {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+    }
+    for fmt, row in rows.items():
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text(json.dumps(row))
+        assert load_prompts(str(path), fmt)[0] == [(Message("user", "q"),)], fmt
+
+
 def test_preference_records_give_their_prompt_whatever_their_replies(tmp_path):
     """A pair a reward model cannot use (identical or empty replies, tied ranks) is still a good
     rollout prompt; an OpenAssistant tree gives every user turn, ranked replies or not."""
