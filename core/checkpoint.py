@@ -50,12 +50,15 @@ ZERO_SHARDS = "*zero_pp_rank_*"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all, durably: a temporary file, synced, renamed over it, and the
+    rename synced (its directory), so a power cut leaves the old text or the new, never neither."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def fsync_tree(path: Path) -> None:

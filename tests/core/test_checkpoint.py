@@ -47,6 +47,19 @@ def test_atomic_write_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc (Linux)")
+def test_atomic_write_syncs_the_file_then_its_rename(tmp_path, monkeypatch):
+    """A checkpoint's trainer_state.json is renamed inside the checkpoint's temporary directory just
+    before that directory is renamed into place: the inner rename must be on disk first."""
+    import core.checkpoint as ckpt
+
+    synced = []
+    real_fsync = ckpt.os.fsync
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (synced.append(ckpt.os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))  # fmt: skip
+    atomic_write_text(tmp_path / "f", "one")
+    assert synced == [str(tmp_path / ".f.tmp"), str(tmp_path)]  # the data, then the directory entry
+
+
 @pytest.mark.parametrize(
     "saved_world, saved_stage, world, stage, ok, universal",
     [
