@@ -256,13 +256,17 @@ class GlobalBatches:
     with micro batch 2 train on the same global batch, and resuming at step s needs only s.
     """
 
-    def __init__(self, num_examples: int, micro_batch: int, grad_accum: int, world_size: int, seed: int):
+    def __init__(
+        self, num_examples: int, micro_batch: int, grad_accum: int, world_size: int, seed: int,
+        knobs: str = "train.micro_batch_size_per_device or train.grad_accum_steps",
+    ):  # fmt: skip
+        """`knobs`: the settings that size the batch, named in the error when the data is short of one."""
         self.micro, self.accum, self.world = micro_batch, grad_accum, world_size
         self.global_batch = micro_batch * grad_accum * world_size
         if num_examples < self.global_batch:
             raise ValueError(
-                f"{num_examples} training examples are fewer than one global batch ({self.global_batch}); "
-                "lower train.micro_batch_size_per_device or train.grad_accum_steps, or add data"
+                f"{num_examples} examples are fewer than one global batch ({self.global_batch}); "
+                f"lower {knobs}, or add data"
             )
         self.num_examples, self.seed = num_examples, seed
         self.steps_per_epoch = num_examples // self.global_batch

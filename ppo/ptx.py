@@ -37,7 +37,8 @@ class PtxData:
             raise DataError(f"ptx.path={cfg.path}: no demonstration keeps any reply token within {max_len} "
                             "tokens (data.max_len + rollout.max_new_tokens)")  # fmt: skip
         self.pad_id = formatter.tokenizer.pad_token_id
-        self.batches = GlobalBatches(len(self.examples), cfg.micro_batch_size_per_device, 1, world, seed)
+        self.batches = GlobalBatches(len(self.examples), cfg.micro_batch_size_per_device, 1, world, seed,
+                                     knobs="ptx.micro_batch_size_per_device")  # fmt: skip
         self.calls = 0  # how many micro-batches were drawn (restored on resume through the step count)
 
     def loss(self, engine, device: torch.device) -> torch.Tensor:

@@ -204,7 +204,8 @@ class PPORecipe:
                 f"rank must be a multiple of train.micro_batch_size_per_device x train.grad_accum_steps = "
                 f"{self.minibatch} (the minibatch)"
             )
-        self.prompt_batches = GlobalBatches(len(self.train_ids), self.local_batch, 1, self.world, t.seed)
+        self.prompt_batches = GlobalBatches(len(self.train_ids), self.local_batch, 1, self.world, t.seed,
+                                            knobs="rollout.batch_size")  # fmt: skip
         self.ptx = (
             PtxData(c.ptx, self.formatter, d.max_len + r.max_new_tokens, self.world, t.seed, d.builtin.seed)
             if c.ptx.coef

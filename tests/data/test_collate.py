@@ -53,7 +53,9 @@ def test_global_batches_split_the_same_global_batch_over_ranks_and_micro_steps()
     epoch0 = {i for s in range(25) for i in one.micro_batches(s, 0)[0]}
     assert epoch0 == set(range(100))  # an epoch visits every example once
     assert one.micro_batches(25, 0) != one.micro_batches(0, 0)  # and the next one reshuffles
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(
+        ValueError, match="fewer than one global batch .* lower train.micro_batch_size_per_device"
+    ):
         GlobalBatches(3, micro_batch=4, grad_accum=1, world_size=1, seed=0)
 
 

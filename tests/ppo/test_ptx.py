@@ -38,6 +38,9 @@ def test_demonstrations_cut_before_their_reply_are_left_out_and_the_loss_stays_f
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
     for _ in range(3):  # every micro-batch has targets: no 0/0 token mean
         assert torch.isfinite(data.loss(model, torch.device("cpu")))
+    path.write_text("\n".join(json.dumps(r) for r in rows[:9]))  # 3 usable: short of a batch of 4
+    with pytest.raises(ValueError, match="lower ptx.micro_batch_size_per_device, or add data"):
+        ptx_data(path, max_len=24)
     path.write_text("\n".join(json.dumps(r) for r in rows[:6]))
     with pytest.raises(DataError, match="no demonstration keeps any reply token within 24 tokens"):
         ptx_data(path, max_len=24)
