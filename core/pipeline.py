@@ -216,7 +216,7 @@ def resolve_newest_exports(stage: str, cfg: DictConfig) -> None:
     trained from the older one "up to date". Roles filled by a hand-off are not null here.
     """
     for role, source in NEWEST_EXPORT.get(stage, {}).items():
-        if cfg[role].name_or_path is not None:
+        if cfg[role].name_or_path:  # given ("" counts as null, as in the stage)
             continue
         found = checkpoint.newest_export(cfg.runs_dir, source)
         if found is None:
@@ -225,7 +225,9 @@ def resolve_newest_exports(stage: str, cfg: DictConfig) -> None:
                 f"{cfg.runs_dir}/{source}/: add {source} to pipeline.stages, run `python -m {source}` first, "
                 f"or give {stage}.{role}.name_or_path=DIR"
             )
-        cfg[role].name_or_path = str(found.resolve())
+        # as found: relative under a relative runs_dir (the stage runs in this working directory), so
+        # moving the project keeps the key
+        cfg[role].name_or_path = str(found)
 
 
 def stage_key(

@@ -159,10 +159,12 @@ def test_ppo_without_its_upstream_stages_keys_the_newest_exports_it_will_read(tm
     pipeline.resolve_newest_exports("ppo", handed)
     assert handed.actor.name_or_path == "/x/sft/export"  # a hand-off stays
 
-    time.sleep(0.01)
     sft_new = export("sft", "b")
+    newer = (sft_old / EXPORT_INFO).stat().st_mtime_ns + 10**9
+    os.utime(sft_new / EXPORT_INFO, ns=(newer, newer))  # newer on any timestamp granularity
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         again = pipeline.compose_stage("ppo", {"runs_dir": str(tmp_path)}, {}, "/d")
+    again.actor.name_or_path = ""  # empty counts as null, as in the stage
     pipeline.resolve_newest_exports("ppo", again)
     assert again.actor.name_or_path == str(sft_new)
     assert pipeline.stage_key("ppo", again, {}, {}, "1") != key
@@ -301,9 +303,9 @@ def test_a_pipeline_of_ppo_alone_evaluates_against_the_reference_ppo_used(copy_o
     report = json.loads((run / "alone" / "report.json").read_text())
     assert actions(run / "alone") == {"ppo": "run"} and isinstance(report["win_rate"], float)
     staged = OmegaConf.load(run / "alone" / "ppo" / "pipeline_stage_config.yaml")
-    assert staged.actor.name_or_path == sft  # resolved at planning, so the stage key counts it
+    assert staged.actor.name_or_path == str(runs / "sft" / "a" / "export")  # found at planning: in the key
     result = json.loads((run / "alone" / "eval.json").read_text())["result"]
-    assert result["baseline"] == sft and result["baseline_name"] == "reference"
+    assert Path(result["baseline"]).resolve() == Path(sft) and result["baseline_name"] == "reference"
 
 
 def test_a_killed_stage_resumes(copy_of):
