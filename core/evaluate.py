@@ -32,7 +32,7 @@ from core import models
 from core.checkpoint import EXPORT_INFO
 from data import imdb
 from data.builtin import task
-from data.formats import Message, load_prompts, split_train_eval
+from data.formats import Message, load_prompts, opening, split_train_eval
 from data.templates import PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
             held, _ = load_prompts(d.eval_path, d.format, on_error=d.on_error, split=d.split)
         else:
             train, _ = load_prompts(d.path, d.format, on_error=d.on_error, split=d.split)
-            held = split_train_eval(train, d.eval_fraction, d.shuffle_seed)[1]
+            held = split_train_eval(train, d.eval_fraction, d.shuffle_seed, group=opening)[1]  # as PPO splits
         prompts = list(held)  # whole conversations (system and earlier turns too), as PPO samples them
     if judge == "gold":
         made = gold_judge()

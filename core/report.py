@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD, REPORT_HTML, EVAL_JSON = "report.json", "report.md", "report.html", "eval.json"
 # Part of eval.json's key: raised when the evaluation itself changes, so a cached result is redone once
-# (2: held-out conversations are sampled whole, not as their last user turn)
-EVAL_VERSION = 2
+# (2: held-out conversations are sampled whole, not as their last user turn; 3: the hold-out keeps the
+# turns of one conversation together, `data.formats.opening`)
+EVAL_VERSION = 3
 # (file, title, y label, stage, [(metric key, legend label)]): curves against the step
 CURVES = (
     ("sft_loss.png", "SFT loss", "cross-entropy (nats/token)", "sft",

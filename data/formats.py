@@ -301,8 +301,23 @@ def load_conversations(
     return load_records(paths, fmt, parsers, detect, on_error=on_error, split=split)
 
 
-def split_train_eval(records: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Seeded random hold-out of `fraction` of the records (at least one) for evaluation."""
+def opening(messages: tuple[Message, ...]) -> tuple[Message, ...]:
+    """A conversation's messages up to and including its first user turn: the records of one
+    conversation (the turns of an OpenAssistant tree, the pairs of one ranked prompt) share it."""
+    first = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages) - 1)
+    return messages[: first + 1]
+
+
+def split_train_eval(
+    records: list[Any], fraction: float, seed: int, group: Callable[[Any], Any] | None = None
+) -> tuple[list[Any], list[Any]]:
+    """Seeded random hold-out of `fraction` of the records (at least one) for evaluation.
+
+    With `group` (record -> a hashable key, e.g. the `opening` of its prompt), records of one key go
+    to the same side, whole groups held out in the shuffled order until `fraction` is reached, so
+    evaluation never scores a conversation training saw part of. Where every key is distinct the
+    split is the same as without.
+    """
     import random
 
     if not 0.0 < fraction < 1.0:
@@ -314,7 +329,22 @@ def split_train_eval(records: list[Any], fraction: float, seed: int) -> tuple[li
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(round(len(records) * fraction)))
-    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+    if group is None:
+        return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+    keys = [group(r) for r in records]
+    sizes = collections.Counter(keys)
+    held: set[Any] = set()
+    n_held = 0
+    for i in order:
+        if n_held >= n_eval:
+            break
+        if keys[i] not in held:
+            held.add(keys[i])
+            n_held += sizes[keys[i]]
+    train = [records[i] for i in order if keys[i] not in held]
+    if not train:
+        raise DataError(f"all {len(records)} records share one conversation opening: give data.eval_path")
+    return train, [records[i] for i in order if keys[i] in held]
 
 
 # ----------------------------------------------------------------------------- preference formats

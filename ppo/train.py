@@ -27,7 +27,7 @@ from core.logging import MetricsLogger
 from data import imdb
 from data.builtin import task
 from data.collate import GlobalBatches
-from data.formats import Message, load_prompts, split_train_eval
+from data.formats import Message, load_prompts, opening, split_train_eval
 from data.templates import PromptFormatter
 from ppo import rollout as ro
 from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
@@ -186,7 +186,8 @@ class PPORecipe:
             if d.eval_path is not None:
                 eval_prompts, _ = load_prompts(d.eval_path, d.format, on_error=d.on_error, split=d.split)
             else:
-                train_prompts, eval_prompts = split_train_eval(train_prompts, d.eval_fraction, d.shuffle_seed)
+                train_prompts, eval_prompts = split_train_eval(train_prompts, d.eval_fraction, d.shuffle_seed,
+                                                               group=opening)  # fmt: skip
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
         self.train_ids = [self._encode_prompt(p) for p in train_prompts]
         self.eval_ids = [self._encode_prompt(p) for p in eval_prompts]

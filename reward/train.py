@@ -35,7 +35,7 @@ from core.logging import MetricsLogger
 from data import imdb
 from data.builtin import task
 from data.collate import GlobalBatches, PackedSequences, layout_pairs, pack_layout
-from data.formats import Conversation, Message, PreferencePair, load_preferences, split_train_eval
+from data.formats import Conversation, Message, PreferencePair, load_preferences, opening, split_train_eval
 from data.templates import PromptFormatter
 from reward.loss import accuracy, centering_penalty, preference_loss
 
@@ -129,7 +129,10 @@ class RewardRecipe:
             if d.eval_path is not None:
                 evals, _ = load_preferences(d.eval_path, d.format, on_error=d.on_error, split=d.split)
             else:
-                train, evals = split_train_eval(train, d.eval_fraction, d.shuffle_seed)
+                # a prompt's pairs (several for a ranked one) on one side: eval never scores a prompt it trained on
+                train, evals = split_train_eval(
+                    train, d.eval_fraction, d.shuffle_seed, group=lambda p: opening(p.prompt)
+                )
         self.num_truncated = 0
         self.train_pairs, self.train_set = self._encode(train)
         self.eval_pairs, self.eval_set = self._encode(evals)

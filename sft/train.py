@@ -23,7 +23,7 @@ from core import deepspeed as ds
 from core.logging import MetricsLogger
 from data import builtin, imdb
 from data.collate import GlobalBatches, collate, pack
-from data.formats import Conversation, load_conversations, split_train_eval
+from data.formats import Conversation, load_conversations, opening, split_train_eval
 from data.templates import Encoded, PromptFormatter
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class SFTRecipe:
         if d.eval_path is not None:
             evals, _ = load_conversations(d.eval_path, d.format, on_error=d.on_error, split=d.split)
             return train, evals
-        return split_train_eval(train, d.eval_fraction, d.shuffle_seed)
+        return split_train_eval(train, d.eval_fraction, d.shuffle_seed, group=lambda c: opening(c.messages))
 
     def _setup_data(self, train: list[Conversation], evals: list[Conversation]) -> None:
         d = self.cfg.data

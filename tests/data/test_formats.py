@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from data.formats import Conversation, DataError, Message, load_conversations, split_train_eval
+from data.formats import Conversation, DataError, Message, load_conversations, opening, split_train_eval
 
 
 def write_jsonl(path, rows, gz=False):
@@ -143,6 +143,21 @@ def test_split_train_eval_is_seeded_and_disjoint():
     assert split_train_eval(list(range(100)), 0.1, seed=3) == (train, evals)
     with pytest.raises(DataError, match="eval_fraction"):
         split_train_eval(list(range(10)), 0.0, seed=0)
+
+
+def test_a_grouped_split_keeps_each_conversation_on_one_side():
+    records = list(range(100))
+    plain = split_train_eval(records, 0.1, seed=3)
+    assert split_train_eval(records, 0.1, seed=3, group=lambda r: r) == plain  # distinct keys: the same split
+    train, evals = split_train_eval(records, 0.1, seed=3, group=lambda r: r // 4)  # 25 groups of 4
+    assert not {r // 4 for r in train} & {r // 4 for r in evals}
+    assert sorted(train + evals) == records and 10 <= len(evals) <= 13  # whole groups until 10 are held out
+    with pytest.raises(DataError, match="share one conversation opening"):
+        split_train_eval(records, 0.1, seed=3, group=lambda r: 0)
+    u, a = Message("user", "q"), Message("assistant", "a")
+    system = Message("system", "be brief")
+    assert opening((system, u, a, Message("user", "more"))) == (system, u)
+    assert opening((u,)) == opening((u, a, Message("user", "again"))) == (u,)
 
 
 def test_load_prompts_from_every_prompt_bearing_format(tmp_path):

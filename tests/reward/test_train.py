@@ -1,5 +1,6 @@
 """The reward recipe's encoding of a pair's replies (the rest runs end to end in test_reward_e2e.py)."""
 
+import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -25,3 +26,23 @@ def test_a_long_pair_is_cut_from_the_left_keeping_the_bos_and_the_scored_end():
     assert r.num_truncated == 1 and len(whole.input_ids) > 10
     assert ids == [tok.bos_token_id] + whole.input_ids[-9:]  # the BOS, then the end: the EOS is scored
     assert ids[-1] == tok.eos_token_id
+
+
+def test_a_ranked_prompts_pairs_are_held_out_together(tmp_path):
+    """Three ranked replies make three pairs of one prompt: a split by pair would train on a prompt
+    (and replies) that evaluation then scores."""
+    path = tmp_path / "ranked.jsonl"
+    rows = [
+        {"prompt": f"question {i}", "responses": ["good", "fine", "bad"], "ranks": [0, 1, 2]}
+        for i in range(20)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    overrides = ["data=file", f"data.path={path}", "data.format=ranked", "data.eval_fraction=0.2",
+                 "train.micro_batch_size_per_device=4"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        r = RewardRecipe(compose("reward", overrides=overrides), run_dir=Path("unused"))
+    r.formatter = PromptFormatter(build_tokenizer(), **r.cfg.data.template)
+    r._setup_data()
+    train, held = ({p.prompt for p in pairs} for pairs in (r.train_pairs, r.eval_pairs))
+    assert len(r.eval_pairs) == 12 and len(held) == 4  # 20 % of 60 pairs: four prompts, whole
+    assert not train & held and len(train) == 16
