@@ -314,9 +314,11 @@ def split_train_eval(
     """Seeded random hold-out of `fraction` of the records (at least one) for evaluation.
 
     With `group` (record -> a hashable key, e.g. the `opening` of its prompt), records of one key go
-    to the same side, whole groups held out in the shuffled order until `fraction` is reached, so
-    evaluation never scores a conversation training saw part of. Where every key is distinct the
-    split is the same as without.
+    to the same side, so evaluation never scores a conversation training saw part of: whole groups
+    are held out in the shuffled order, each only if it still fits in the held-out count (a large
+    group, e.g. one instruction shared by many demonstrations, stays in training). Where every key is
+    distinct the split is the same as without; where no group fits (all records share one key), it
+    falls back to that split, with a warning.
     """
     import random
 
@@ -336,15 +338,17 @@ def split_train_eval(
     held: set[Any] = set()
     n_held = 0
     for i in order:
-        if n_held >= n_eval:
+        if n_held == n_eval:
             break
-        if keys[i] not in held:
+        if keys[i] not in held and sizes[keys[i]] <= n_eval - n_held:
             held.add(keys[i])
             n_held += sizes[keys[i]]
-    train = [records[i] for i in order if keys[i] not in held]
-    if not train:
-        raise DataError(f"all {len(records)} records share one conversation opening: give data.eval_path")
-    return train, [records[i] for i in order if keys[i] in held]
+    if not held:
+        log.warning("data: no conversation's records fit in the %d held out (largest: %d of %d records); "
+                    "held out record by record instead: give data.eval_path to keep them apart",
+                    n_eval, max(sizes.values()), len(records))  # fmt: skip
+        return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+    return [records[i] for i in order if keys[i] not in held], [records[i] for i in order if keys[i] in held]
 
 
 # ----------------------------------------------------------------------------- preference formats

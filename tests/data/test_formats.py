@@ -151,9 +151,13 @@ def test_a_grouped_split_keeps_each_conversation_on_one_side():
     assert split_train_eval(records, 0.1, seed=3, group=lambda r: r) == plain  # distinct keys: the same split
     train, evals = split_train_eval(records, 0.1, seed=3, group=lambda r: r // 4)  # 25 groups of 4
     assert not {r // 4 for r in train} & {r // 4 for r in evals}
-    assert sorted(train + evals) == records and 10 <= len(evals) <= 13  # whole groups until 10 are held out
-    with pytest.raises(DataError, match="share one conversation opening"):
-        split_train_eval(records, 0.1, seed=3, group=lambda r: 0)
+    assert sorted(train + evals) == records and len(evals) == 8  # whole groups, as many as fit in 10
+    # a group too large to hold out stays in training; the singletons fill the held-out count
+    train, evals = split_train_eval(records, 0.1, seed=3, group=lambda r: r if r >= 50 else -1)
+    assert len(evals) == 10 and all(r >= 50 for r in evals) and set(range(50)) <= set(train)
+    assert (
+        split_train_eval(records, 0.1, seed=3, group=lambda r: 0) == plain
+    )  # nothing fits: record by record
     u, a = Message("user", "q"), Message("assistant", "a")
     system = Message("system", "be brief")
     assert opening((system, u, a, Message("user", "more"))) == (system, u)
