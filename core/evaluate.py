@@ -284,22 +284,32 @@ def _run_config(policy_dir: Path) -> DictConfig:
     return defaults
 
 
-def cli(argv: list[str]) -> None:
+def _pipeline_eval_defaults() -> DictConfig:
+    """conf/pipeline.yaml's `eval` section: `rlhf evaluate` samples as the pipeline's report does."""
+    return OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "pipeline.yaml").eval
+
+
+def parser() -> argparse.ArgumentParser:
+    d = _pipeline_eval_defaults()
     ap = argparse.ArgumentParser(prog="rlhf evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("policy", type=Path, help="an exported policy (e.g. outputs/pipeline/builtin/ppo/export)")
     ap.add_argument(
         "--baseline", help="policy to compare against (default: the PPO run's reference, its SFT export)"
     )
     ap.add_argument("--reference", help="reference for the KL (default: the baseline)")
-    ap.add_argument("--samples-per-prompt", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-report-samples", type=int, default=8)
-    ap.add_argument("--judge", choices=JUDGES, default="auto",
+    ap.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--num-report-samples", type=int, default=d.num_report_samples)
+    ap.add_argument("--judge", choices=JUDGES, default=d.judge,
                     help="gold (built-in task), sentiment (IMDB classifier); auto picks by the run's data")  # fmt: skip
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="run the exports' own modelling code (a custom-code model's exports need it)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="also write the figures to this JSON file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def cli(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not (args.policy / EXPORT_INFO).is_file():
         raise SystemExit(f"rlhf evaluate: {args.policy} is not an export (no {EXPORT_INFO})")

@@ -140,3 +140,24 @@ def test_the_command_runs_an_exports_code_only_with_the_flag(tmp_path, monkeypat
     evaluate.cli([str(tmp_path / "run" / "export")])
     evaluate.cli([str(tmp_path / "run" / "export"), "--trust-remote-code"])
     assert seen == [False, True]
+
+
+def test_the_command_samples_as_the_pipelines_report_by_default(tmp_path, monkeypatch):
+    """`rlhf evaluate EXPORT` runs the report's evaluation: its sampling defaults are the pipeline's `eval` keys."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from core import evaluate, pipeline  # noqa: F401 (pipeline registers the schema conf/pipeline.yaml names)
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        report = compose("pipeline").eval
+    (tmp_path / "run" / "export").mkdir(parents=True)
+    (tmp_path / "run" / "export" / "export_info.json").write_text(json.dumps({"ref": str(tmp_path / "sft")}))
+    seen = []
+    monkeypatch.setattr(evaluate, "compare", lambda *a, **kw: seen.append(kw) or {})
+    evaluate.cli([str(tmp_path / "run" / "export")])
+    evaluate.cli([str(tmp_path / "run" / "export"), "--samples-per-prompt", "2"])
+    for key in ("samples_per_prompt", "seed", "num_report_samples"):
+        assert seen[0][key] == report[key], key
+    assert seen[1]["samples_per_prompt"] == 2
