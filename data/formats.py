@@ -43,6 +43,11 @@ class DataError(ValueError):
     """A user-fixable problem with input data; the message names file, line and field."""
 
 
+class MalformedLine(DataError):
+    """A JSON Lines line that does not parse: `iter_rows` yields it in place of the row, so that a
+    reader may skip it (`data.on_error=skip`) and go on with the next line."""
+
+
 @dataclass(frozen=True)
 class Message:
     role: str
@@ -75,7 +80,11 @@ class LoadReport:
 
 
 def iter_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line or row number starting at 1, raw dict) from a file or a hub dataset."""
+    """Yield (line or row number starting at 1, raw dict) from a file or a hub dataset.
+
+    A JSON Lines line that does not parse comes as a `MalformedLine` instead of a dict (raise it or
+    skip it); a whole JSON array that does not parse raises at once.
+    """
     p = Path(path)
     name = p.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
@@ -114,9 +123,10 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            row = MalformedLine(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})")
+        yield lineno, row
 
 
 def _iter_datasets(name: str, split: str, **kwargs: Any) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -159,9 +169,12 @@ def require_list(row: dict[str, Any], key: str, where: str) -> list[Any]:
 
 
 def parse_messages(
-    items: list[Any], where: str, key: str, role_key: str, text_key: str
+    items: list[Any], where: str, key: str, role_key: str, text_key: str, *, allow_empty_replies: bool = False
 ) -> tuple[Message, ...]:
-    """Turn [{role, content}] (or ShareGPT's [{from, value}]) into Messages with checked roles."""
+    """Turn [{role, content}] (or ShareGPT's [{from, value}]) into Messages with checked roles.
+
+    An assistant message must have text unless `allow_empty_replies` (a preference reply, which the
+    pair then counts and skips as empty)."""
     roles = SHAREGPT_ROLES if role_key == "from" else {r: r for r in ROLES}
     out = []
     for i, m in enumerate(items):
@@ -171,7 +184,8 @@ def parse_messages(
         role = m.get(role_key)
         if role not in roles:
             raise DataError(f"{at}: field '{role_key}' must be one of {sorted(roles)}, got {role!r}")
-        out.append(Message(roles[role], require_str(m, text_key, at, allow_empty=roles[role] != "assistant")))
+        empty_ok = allow_empty_replies or roles[role] != "assistant"
+        out.append(Message(roles[role], require_str(m, text_key, at, allow_empty=empty_ok)))
     return tuple(out)
 
 
@@ -257,8 +271,8 @@ def load_records(
     """Parse every row of every path with the parser of `fmt` (found by `detect` when None).
 
     A parser returns the row's records or raises DataError. SkippedRecord (valid but useless,
-    e.g. identical replies) is always counted and skipped; other errors raise unless
-    on_error="skip". Returns (records, report); raises DataError if nothing was usable.
+    e.g. identical replies) is always counted and skipped; other errors (a malformed JSON line, a
+    row whose format cannot be told, a missing or empty field) raise unless on_error="skip". Returns (records, report); raises DataError if nothing was usable.
     """
     if on_error not in ("raise", "skip"):
         raise DataError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -270,8 +284,10 @@ def load_records(
         path_fmt = fmt
         for lineno, row in iter_rows(str(path), split):
             where = f"{path}:{lineno}"
-            path_fmt = path_fmt or detect(row, where)
             try:
+                if isinstance(row, MalformedLine):
+                    raise row
+                path_fmt = path_fmt or detect(row, where)  # the first row that can tell it
                 records.extend(parsers[path_fmt](row, where))
             except DataError as e:
                 if on_error == "raise" and not isinstance(e, SkippedRecord):
@@ -412,7 +428,7 @@ def _reply_text(row: dict, key: str, where: str) -> str:
             raise DataError(f"{where}: field '{key}' must be a string or a list of messages")
         text_key = "value" if "value" in value[-1] else "content"
         role_key = "from" if "from" in value[-1] else "role"
-        msgs = parse_messages(value, where, key, role_key, text_key)
+        msgs = parse_messages(value, where, key, role_key, text_key, allow_empty_replies=True)
         if msgs[-1].role != "assistant":
             raise DataError(f"{where}: field '{key}' must end with an assistant message")
         return msgs[-1].content
@@ -477,7 +493,12 @@ def _ranked(row: dict, where: str) -> list[PreferencePair]:
     responses, ranks = require_list(row, "responses", where), require_list(row, "ranks", where)
     if len(responses) != len(ranks) or not all(isinstance(r, int) for r in ranks):
         raise DataError(f"{where}: 'ranks' must be integers, one per response")
-    return _ranked_pairs(prompt, list(zip(ranks, responses)), where)
+    if not all(isinstance(r, str) for r in responses):
+        raise DataError(f"{where}: 'responses' must be strings")
+    pairs = _ranked_pairs(prompt, list(zip(ranks, responses)), where)
+    if not pairs:  # a record whose pairs are all tied, empty or identical: counted like such a pair
+        raise SkippedRecord(f"{where}: no two distinct, non-empty responses of different ranks")
+    return pairs
 
 
 def _ranked_pairs(

@@ -49,7 +49,13 @@ def load_reviews(path: str, limit: int | None = None) -> list[Review]:
     out = []
     for line, row in iter_rows(path):
         where = f"{path}:{line}"
-        if not isinstance(row.get("text"), str) or row.get("label") not in (0, 1):
+        if isinstance(row, DataError):  # a malformed line
+            raise row
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("text"), str)
+            or row.get("label") not in (0, 1)
+        ):
             raise DataError(f"{where}: expected a string 'text' and a 'label' of 0 or 1")
         out.append(Review(tuple(clean(row["text"]).split()), row["label"], where))
         if limit is not None and len(out) >= limit:

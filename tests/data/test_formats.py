@@ -127,6 +127,18 @@ def test_malformed_json_line_and_missing_file(tmp_path):
         load_conversations("missing_file_without_extension", None)
 
 
+def test_on_error_skip_skips_malformed_lines_and_detects_on_the_next_row(tmp_path):
+    """A line that does not parse is a bad record like any other: skipped and counted under skip,
+    also before the format is known (the next good row tells it)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("{not json\n" + json.dumps(PROMPT) + "\n[1, 2\n" + json.dumps(PROMPT) + "\n")
+    records, report = load_conversations(str(path), None, on_error="skip")
+    assert len(records) == 2 and report.kept == 2
+    assert sum(report.skipped.values()) == 2 and all("malformed JSON line" in k for k in report.skipped)
+    with pytest.raises(DataError, match=r"d.jsonl:1: malformed JSON line"):
+        load_conversations(str(path), None)
+
+
 def test_on_error_skip_counts_every_reason(tmp_path):
     rows = [PROMPT, {"prompt": "x", "response": ""}, {"prompt": "x"}, {"prompt": "x", "response": ""}, PROMPT]
     records, report = load_conversations(write_jsonl(tmp_path / "d.jsonl", rows), "prompt", on_error="skip")

@@ -79,6 +79,27 @@ def test_margin_and_skips_are_counted(tmp_path):
     assert report.skipped == {"identical chosen and rejected": 1, "empty response": 1}
 
 
+def test_empty_replies_are_counted_and_skipped_in_every_layout(tmp_path):
+    """An empty reply given as a message object, and a ranked record left with no usable pair, are
+    skipped and counted like an empty string reply, not errors."""
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": ""},
+                "rejected": {"from": "gpt", "value": "b"}}  # fmt: skip
+    pairwise = {"prompt": "q", "chosen": [{"role": "assistant", "content": ""}], "rejected": "b"}
+    ranked = [
+        {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 0]},  # tied
+        {"prompt": "q", "responses": ["a", "a", ""], "ranks": [0, 1, 2]},  # identical, and empty
+        {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1]},
+    ]
+    for name, rows, skipped in (("s", [sharegpt, sharegpt | {"chosen": {"from": "gpt", "value": "a"}}], 1),
+                                ("p", [pairwise, pairwise | {"chosen": "a"}], 1), ("r", ranked, 2)):  # fmt: skip
+        path = tmp_path / name / "p.jsonl"
+        path.parent.mkdir()
+        pairs, report = load_preferences(write(path.parent, rows), None)
+        assert len(pairs) == 1 and sum(report.skipped.values()) == skipped, (name, report)
+    with pytest.raises(DataError, match="'responses' must be strings"):
+        load_preferences(write(tmp_path, [{"prompt": "q", "responses": ["a", 3], "ranks": [0, 1]}]), None)
+
+
 @pytest.mark.parametrize(
     "rows, pattern",
     [
