@@ -28,9 +28,18 @@ def test_packed_rows_give_the_same_logits_as_separate_sequences():
             n = len(ex.input_ids)
             torch.testing.assert_close(packed[0, offset : offset + n], alone, atol=1e-5, rtol=1e-5)
             offset += n
-    # each example's first label is masked so nothing is learned across the boundary
-    starts = [i for i, p in enumerate(rows[0].position_ids) if p == 0]
-    assert all(rows[0].labels[i] == IGNORE_INDEX for i in starts)
+
+
+def test_packing_masks_each_examples_first_label_only():
+    """Nothing is learned across a boundary: each example's first label is masked, the rest kept."""
+    examples = [
+        Encoded(list(range(s, s + n)), list(range(s, s + n)), False) for n, s in ((7, 3), (5, 20), (4, 40))
+    ]
+    (row,) = pack(examples, max_len=16)
+    starts = {i for i, p in enumerate(row.position_ids) if p == 0}
+    assert len(starts) == 3
+    for i, (token, label) in enumerate(zip(row.input_ids, row.labels)):
+        assert label == (IGNORE_INDEX if i in starts else token), i
 
 
 def test_collate_pads_right_with_true_as_valid():

@@ -65,16 +65,17 @@ def test_masked_whiten_uses_valid_entries_only():
 
 
 def test_masked_whiten_with_a_reduce_uses_global_statistics():
-    # two "ranks" holding halves of one batch whiten exactly as the whole batch does
+    # two "ranks" holding halves of one batch whiten exactly as the whole batch does; the stand-in
+    # all-reduce sums what each half hands it (collected in a first pass), as dist.all_reduce_sum would
+    torch.manual_seed(0)
     x = torch.randn(4, 6)
     mask = torch.rand(4, 6) > 0.3
     whole = masked_whiten(x, mask)
     halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]
-
-    def reduce(_stats):
-        per_rank = [[float((a * m).sum()), float((a.square() * m).sum()), float(m.sum())]
-                    for a, m in ((h.double(), hm.double()) for h, hm in halves)]  # fmt: skip
-        return [sum(col) for col in zip(*per_rank)]
-
-    split = torch.cat([masked_whiten(h, hm, reduce) for h, hm in halves])
+    sent = []
+    for h, hm in halves:
+        masked_whiten(h, hm, lambda stats: sent.append(stats) or stats)
+    summed = [sum(col) for col in zip(*sent)]
+    split = torch.cat([masked_whiten(h, hm, lambda stats: summed) for h, hm in halves])
     assert torch.allclose(whole, split, atol=1e-5)
+    assert not torch.allclose(whole, torch.cat([masked_whiten(h, hm) for h, hm in halves]), atol=1e-3)

