@@ -160,12 +160,16 @@ def load_model(
         config.num_labels = kwargs.pop("num_labels", config.num_labels)
         model = auto_class.from_config(config, **kwargs)
     else:
-        try:
+        try:  # safetensors only: a pickled `pytorch_model.bin` is never unpickled
             model = auto_class.from_pretrained(
-                name_or_path, revision=revision, use_safetensors=None, **kwargs
+                name_or_path, revision=revision, use_safetensors=True, **kwargs
             )
         except OSError as e:
-            raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {e}") from None
+            raise ModelError(
+                f"model.name_or_path: cannot load {name_or_path!r} as safetensors weights (a checkpoint with "
+                f"only a pickled pytorch_model.bin is refused: load it in transformers where you trust it and "
+                f"save_pretrained() it, which writes safetensors): {e}"
+            ) from None
     if _ds_rows(model) < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -173,3 +173,26 @@ def test_prepacked_linears_give_back_the_layers_packed_before_a_packing_fails(mo
     with pytest.raises(RuntimeError, match="could not pack"), prepacked_linears(model, rows=4):
         pass
     assert len(calls) == 3 and not any("forward" in vars(m) for m in model.modules())
+
+
+def test_weights_load_from_safetensors_only(tmp_path):
+    """A checkpoint saved as safetensors loads; the same weights as a pickled pytorch_model.bin are refused
+    before anything is unpickled."""
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2}  # fmt: skip
+    model = load_model(None, arch, tok, "fp32")
+    model.save_pretrained(tmp_path / "safe")
+    again = load_model(str(tmp_path / "safe"), {}, tok, "fp32")
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    model.config.save_pretrained(tmp_path / "pickled")  # the old layout: config + a pickled state dict
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    loads = []
+    real_load = torch.load
+    torch.load = lambda *a, **kw: loads.append(a) or real_load(*a, **kw)
+    try:
+        with pytest.raises(ModelError, match="pickled pytorch_model.bin is refused"):
+            load_model(str(tmp_path / "pickled"), {}, tok, "fp32")
+    finally:
+        torch.load = real_load
+    assert loads == []
