@@ -76,4 +76,4 @@ def test_yaml_has_a_comment_above_every_train_key():
         if line.strip().startswith("#"):
             continue
         prev = lines[i - 1].strip()
-        assert prev.startswith("#") or lines[i - 2].strip().startswith("#"), f"no comment above: {line}"
+        assert prev.startswith("#"), f"no comment directly above: {line}"

@@ -1,4 +1,5 @@
 import json
+import math
 
 import torch
 from omegaconf import OmegaConf
@@ -49,6 +50,9 @@ def test_sequence_logprobs_match_each_sequence_alone():
 def test_sample_responses_are_prompt_major_and_stop_after_eos():
     tok = load_tokenizer("builtin", None, trust_remote_code=False)
     model = tiny_lm(len(tok), tok.pad_token_id)
+    bias = torch.zeros(len(tok))  # EOS about 3 times in 10 per token, so some responses stop early
+    bias[tok.eos_token_id] = math.log(0.43 * (len(tok) - 1))
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
     template = dict(chat_template="never", system="{content}", user="{content}", assistant="{content}")
     policy = Policy(model, tok, PromptFormatter(tok, **template))
     sampling = Sampling(max_new_tokens=8, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0,
@@ -64,6 +68,8 @@ def test_sample_responses_are_prompt_major_and_stop_after_eos():
     for r in responses:
         assert 1 <= len(r) <= 8
         assert tok.eos_token_id not in r[:-1]  # cut right after the first EOS
+        assert len(r) == 8 or r[-1] == tok.eos_token_id  # a shorter one ended with it
+    assert any(len(r) < 8 for r in responses)  # the cut was exercised
     again = sample_responses(policy, prompts, sampling, **kw)
     assert again == (rows, responses)  # seeded
     assert all("forward" not in vars(m) for m in model.modules())  # the prepacked layers were given back

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from ppo.advantages import gae, last_valid, masked_mean, masked_whiten, token_rewards
+from ppo.advantages import (
+    RunningMoments,
+    gae,
+    last_valid,
+    masked_mean,
+    masked_whiten,
+    normalise_scores,
+    token_rewards,
+)
 
 
 def reference_gae(rewards, values, length, gamma, lam):
@@ -79,3 +87,37 @@ def test_masked_whiten_with_a_reduce_uses_global_statistics():
     split = torch.cat([masked_whiten(h, hm, lambda stats: summed) for h, hm in halves])
     assert torch.allclose(whole, split, atol=1e-5)
     assert not torch.allclose(whole, torch.cat([masked_whiten(h, hm) for h, hm in halves]), atol=1e-3)
+
+
+def test_running_moments_by_hand_and_over_ranks():
+    """Scores 1, 2, 3 then 4, 5: mean 3, variance 2 (population, as over every score seen)."""
+    m = RunningMoments()
+    m.update(torch.tensor([1.0, 2.0, 3.0]))
+    assert (m.mean, m.var, m.count) == (pytest.approx(2.0), pytest.approx(2 / 3), 3.0)
+    m.update(torch.tensor([4.0, 5.0]))
+    assert (m.mean, m.var, m.std) == (pytest.approx(3.0), pytest.approx(2.0), pytest.approx(math.sqrt(2)))
+    # two ranks with a share of each batch each, through the all-reduce, reach the same moments
+    shares = [(torch.tensor([1.0]), torch.tensor([2.0, 3.0])), (torch.tensor([4.0]), torch.tensor([5.0]))]
+    ranks = [RunningMoments(), RunningMoments()]
+    for batch in zip(*shares):  # batch = (rank 0's share, rank 1's share)
+        sent = [[float(x.sum()), float(x.square().sum()), float(x.numel())] for x in batch]
+        summed = [sum(col) for col in zip(*sent)]
+        for rank, x in zip(ranks, batch):
+            rank.update(x, lambda stats, summed=summed: summed)
+    for rank in ranks:
+        assert (rank.mean, rank.var, rank.count) == (pytest.approx(m.mean), pytest.approx(m.var), m.count)
+    restored = RunningMoments()
+    restored.load_state_dict(m.state_dict())
+    assert restored.state_dict() == m.state_dict()
+    constant = RunningMoments()
+    constant.update(torch.full((4,), 7.0))
+    assert constant.std == pytest.approx(1e-4)  # the floor: a constant batch does not divide by zero
+
+
+def test_normalise_scores_by_hand():
+    # mean 1, std 2, clip 2, penalty 0.5: 3 -> 1; -10 -> -5.5 -> -2 (clipped); 1 without EOS -> 0 - 0.5
+    raw = torch.tensor([3.0, -10.0, 1.0])
+    has_eos = torch.tensor([True, True, False])
+    out = normalise_scores(raw, 1.0, 2.0, 2.0, has_eos, 0.5)
+    assert out.tolist() == [1.0, -2.0, -0.5]
+    assert normalise_scores(raw, 1.0, 2.0, None, has_eos, 0.0).tolist() == [1.0, -5.5, 0.0]

@@ -205,3 +205,29 @@ def test_retokenised_rows_close_only_the_responses_that_ended_with_eos():
     (short,) = retokenised(f, [prompt], ["the crust was great ."], [True], 4)
     assert done[0] == tok.bos_token_id
     assert short == [tok.bos_token_id] + done[-3:]  # cut from the left after the BOS: the scored end stays
+
+
+def test_sampling_stops_at_eos_but_not_before_min_new_tokens():
+    """A policy that almost always says EOS: it ends every response at once, or right after
+    rollout.min_new_tokens tokens; with stop_at_eos off every response runs to max_new_tokens."""
+    from ppo.rollout import sample
+
+    lm, _ = _tiny_models()
+    bias = torch.zeros(lm.config.vocab_size)
+    bias[EOS] = 30.0
+    lm.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    pids, pmask = pad_rows(PROMPTS, PAD, "left", torch.device("cpu"))
+
+    def run(min_new: int, stop: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        response, logprobs, _ = sample(lm, pids, pmask, max_new_tokens=6, min_new_tokens=min_new, temperature=1.0,
+                                       top_p=1.0, top_k=0, eos_id=EOS, pad_id=PAD, stop_at_eos=stop,
+                                       synced_gpus=False)  # fmt: skip
+        assert logprobs.shape == response.shape
+        return response
+
+    assert run(0, True).tolist() == [[EOS]] * 3  # all stop at once: nothing after
+    response = run(3, True)
+    assert response.shape == (3, 4) and (response[:, :3] != EOS).all() and (response[:, 3] == EOS).all()
+    assert response_mask(response, EOS, True).sum(1).tolist() == [4, 4, 4]
+    assert run(0, False).shape == (3, 6)

@@ -153,6 +153,7 @@ def test_packing_trains_and_tensorboard_logs(tmp_path):
               f"hydra.run.dir={run}")  # fmt: skip
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = read_metrics(run)
-    assert rows[0]["data/train_examples"] < 4000  # rows hold several examples
+    # 4000 examples of about 30 tokens in rows of data.max_len 64: about two a row (measured: 1924 rows)
+    assert rows[0]["data/train_examples"] < 0.55 * 4000
     losses = [v for _, v in metric_series(rows, "train/loss")]
     assert losses[-1] < losses[0]
