@@ -231,3 +231,21 @@ def test_sampling_stops_at_eos_but_not_before_min_new_tokens():
     assert response.shape == (3, 4) and (response[:, :3] != EOS).all() and (response[:, 3] == EOS).all()
     assert response_mask(response, EOS, True).sum(1).tolist() == [4, 4, 4]
     assert run(0, False).shape == (3, 6)
+
+
+def test_top_k_and_top_p_filter_the_sampling():
+    """top_k=1, or a nucleus too small for a second token, leaves only the most likely token: greedy decoding."""
+    from ppo.rollout import sample
+
+    lm, _ = _tiny_models()
+    pids, pmask = pad_rows(PROMPTS, PAD, "left", torch.device("cpu"))
+    greedy = lm.generate(input_ids=pids, attention_mask=pmask.long(), do_sample=False, max_new_tokens=6,
+                         eos_token_id=None, pad_token_id=PAD)[:, pids.shape[1] :]  # fmt: skip
+    common = dict(max_new_tokens=6, min_new_tokens=0, temperature=1.0, eos_id=EOS, pad_id=PAD, stop_at_eos=False,
+                  synced_gpus=False)  # fmt: skip
+    torch.manual_seed(0)
+    assert torch.equal(sample(lm, pids, pmask, top_p=1.0, top_k=1, **common)[0], greedy)
+    torch.manual_seed(0)
+    assert torch.equal(sample(lm, pids, pmask, top_p=1e-6, top_k=0, **common)[0], greedy)
+    torch.manual_seed(0)
+    assert not torch.equal(sample(lm, pids, pmask, top_p=1.0, top_k=0, **common)[0], greedy)  # plain sampling
