@@ -284,24 +284,34 @@ def _run_config(policy_dir: Path) -> DictConfig:
     return defaults
 
 
-def _pipeline_eval_defaults() -> DictConfig:
-    """conf/pipeline.yaml's `eval` section: `rlhf evaluate` samples as the pipeline's report does."""
-    return OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "pipeline.yaml").eval
+EVAL_KEYS = ("samples_per_prompt", "seed", "num_report_samples", "judge")  # flags that default as the report
+
+
+def eval_defaults(policy_dir: Path) -> DictConfig:
+    """The `eval` settings `rlhf evaluate` starts from, so that it repeats the report's evaluation: those
+    of the pipeline run whose PPO stage wrote `policy_dir` (<run>/ppo/export, beside <run>/.hydra, where
+    a pipeline experiment may have changed them), else conf/pipeline.yaml's."""
+    settings = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "pipeline.yaml").eval
+    run = policy_dir.parent.parent / ".hydra" / "config.yaml"
+    saved = OmegaConf.load(run).get("eval") if run.is_file() else None
+    if isinstance(saved, DictConfig):
+        settings = OmegaConf.merge(settings, {k: saved[k] for k in EVAL_KEYS if k in saved})
+    return settings
 
 
 def parser() -> argparse.ArgumentParser:
-    d = _pipeline_eval_defaults()
     ap = argparse.ArgumentParser(prog="rlhf evaluate", description=__doc__.split("\n\n")[0])
+    report = "default: the pipeline run's eval.%s, or conf/pipeline.yaml's"
     ap.add_argument("policy", type=Path, help="an exported policy (e.g. outputs/pipeline/builtin/ppo/export)")
     ap.add_argument(
         "--baseline", help="policy to compare against (default: the PPO run's reference, its SFT export)"
     )
     ap.add_argument("--reference", help="reference for the KL (default: the baseline)")
-    ap.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--num-report-samples", type=int, default=d.num_report_samples)
-    ap.add_argument("--judge", choices=JUDGES, default=d.judge,
-                    help="gold (built-in task), sentiment (IMDB classifier); auto picks by the run's data")  # fmt: skip
+    ap.add_argument("--samples-per-prompt", type=int, help=report % "samples_per_prompt")
+    ap.add_argument("--seed", type=int, help=report % "seed")
+    ap.add_argument("--num-report-samples", type=int, help=report % "num_report_samples")
+    ap.add_argument("--judge", choices=JUDGES, help="gold (built-in task), sentiment (IMDB classifier); auto "
+                    "picks by the run's data; " + report % "judge")  # fmt: skip
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="run the exports' own modelling code (a custom-code model's exports need it)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="also write the figures to this JSON file")
@@ -310,6 +320,10 @@ def parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str]) -> None:
     args = parser().parse_args(argv)
+    defaults = eval_defaults(args.policy)
+    for key in EVAL_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
     logging.basicConfig(level=logging.WARNING)
     if not (args.policy / EXPORT_INFO).is_file():
         raise SystemExit(f"rlhf evaluate: {args.policy} is not an export (no {EXPORT_INFO})")

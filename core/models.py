@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,21 +163,42 @@ def load_model(
         model = auto_class.from_config(config, **kwargs)
     else:
         try:  # safetensors only: a pickled `pytorch_model.bin` is never unpickled
-            model = auto_class.from_pretrained(
-                name_or_path, revision=revision, use_safetensors=True, **kwargs
-            )
+            with _no_safetensors_conversion():
+                model = auto_class.from_pretrained(
+                    name_or_path, revision=revision, use_safetensors=True, **kwargs
+                )
         except OSError as e:
-            raise ModelError(
-                f"model.name_or_path: cannot load {name_or_path!r} as safetensors weights (a checkpoint with "
-                f"only a pickled pytorch_model.bin is refused: load it in transformers where you trust it and "
-                f"save_pretrained() it, which writes safetensors): {e}"
-            ) from None
+            pickled = Path(name_or_path, "pytorch_model.bin").is_file() or "safetensors" in str(e)
+            hint = (
+                " (only safetensors weights are loaded; a checkpoint with just a pickled pytorch_model.bin: load "
+                "it in transformers where you trust it and save_pretrained() it, which writes safetensors)"
+                if pickled
+                else ""
+            )
+            raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}{hint}: {e}") from None
     if _ds_rows(model) < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+@contextlib.contextmanager
+def _no_safetensors_conversion() -> Iterator[None]:
+    """Online, transformers answers a hub repo without safetensors by loading the weights from a
+    conversion bot's pull-request branch instead of the commit asked for; this turns that off, so
+    such a repo fails to load like a local pickled checkpoint."""
+    key = "DISABLE_SAFETENSORS_CONVERSION"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
 
 
 def last_index(attention_mask: torch.Tensor) -> torch.Tensor:

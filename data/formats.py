@@ -294,8 +294,9 @@ def load_records(
                     raise
                 # the reason without the location, so the counts group by cause
                 report.skipped[str(e).split(": ", 1)[-1]] += 1
-        if path_fmt is None:
-            raise DataError(f"{path}: contains no records")
+        if path_fmt is None:  # nothing read, or every row skipped before one could tell the format
+            skipped = f" ({report.summary()})" if report.skipped else ""
+            raise DataError(f"{path}: contains no records{skipped}")
     report.kept = len(records)
     if report.skipped:
         log.warning("data: %s", report.summary())

@@ -149,7 +149,8 @@ def test_the_command_runs_an_exports_code_only_with_the_flag(tmp_path, monkeypat
 
 
 def test_the_command_samples_as_the_pipelines_report_by_default(tmp_path, monkeypatch):
-    """`rlhf evaluate EXPORT` runs the report's evaluation: its sampling defaults are the pipeline's `eval` keys."""
+    """`rlhf evaluate EXPORT` repeats the report's evaluation: its sampling defaults are the `eval` keys of
+    the pipeline run that wrote the export, else conf/pipeline.yaml's."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -167,3 +168,19 @@ def test_the_command_samples_as_the_pipelines_report_by_default(tmp_path, monkey
     for key in ("samples_per_prompt", "seed", "num_report_samples"):
         assert seen[0][key] == report[key], key
     assert seen[1]["samples_per_prompt"] == 2
+    # an export of a pipeline run (<run>/ppo/export) takes that run's eval settings, which a pipeline
+    # experiment may have changed (imdb_sentiment: 2 samples per prompt)
+    run = tmp_path / "pipeline"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"eval": {"samples_per_prompt": 2, "seed": 7, "enabled": True}}),
+                   run / ".hydra" / "config.yaml")  # fmt: skip
+    (run / "ppo" / "export").mkdir(parents=True)
+    (run / "ppo" / "export" / "export_info.json").write_text(json.dumps({"ref": str(run / "sft" / "export")}))
+    evaluate.cli([str(run / "ppo" / "export")])
+    evaluate.cli([str(run / "ppo" / "export"), "--seed", "1"])
+    assert (seen[2]["samples_per_prompt"], seen[2]["seed"], seen[2]["num_report_samples"]) == (
+        2,
+        7,
+        report.num_report_samples,
+    )
+    assert seen[3]["seed"] == 1

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -191,8 +193,25 @@ def test_weights_load_from_safetensors_only(tmp_path):
     real_load = torch.load
     torch.load = lambda *a, **kw: loads.append(a) or real_load(*a, **kw)
     try:
-        with pytest.raises(ModelError, match="pickled pytorch_model.bin is refused"):
+        with pytest.raises(ModelError, match="only safetensors weights are loaded"):
             load_model(str(tmp_path / "pickled"), {}, tok, "fp32")
     finally:
         torch.load = real_load
     assert loads == []
+
+    # online, a hub repo without safetensors is not swapped for a conversion bot's branch; a wrong path
+    # is named without the pickle hint
+    from transformers import AutoModelForCausalLM
+
+    seen, before = [], os.environ.get("DISABLE_SAFETENSORS_CONVERSION")
+
+    def fake(*args, **kwargs):
+        seen.append(os.environ.get("DISABLE_SAFETENSORS_CONVERSION"))
+        raise OSError("no such repo")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+        with pytest.raises(ModelError) as err:
+            load_model("org/not-here", {}, tok, "fp32")
+    assert seen == ["1"] and os.environ.get("DISABLE_SAFETENSORS_CONVERSION") == before  # restored
+    assert "safetensors" not in str(err.value) and "no such repo" in str(err.value)

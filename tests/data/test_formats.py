@@ -137,6 +137,11 @@ def test_on_error_skip_skips_malformed_lines_and_detects_on_the_next_row(tmp_pat
     assert sum(report.skipped.values()) == 2 and all("malformed JSON line" in k for k in report.skipped)
     with pytest.raises(DataError, match=r"d.jsonl:1: malformed JSON line"):
         load_conversations(str(path), None)
+    path.write_text("{not json\n[1, 2\n")  # nothing but bad lines: the counts still reach the message
+    with pytest.raises(
+        DataError, match=r"contains no records \(0 records, skipped 2 \(.*malformed JSON line"
+    ):
+        load_conversations(str(path), None, on_error="skip")
 
 
 def test_on_error_skip_counts_every_reason(tmp_path):
