@@ -79,7 +79,7 @@ class LoadReport:
 # ----------------------------------------------------------------------------- raw rows
 
 
-def iter_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
     """Yield (line or row number starting at 1, raw dict) from a file or a hub dataset.
 
     A JSON Lines line that does not parse comes as a `MalformedLine` instead of a dict (raise it or
@@ -104,7 +104,7 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict[str, 
         raise DataError(f"{path}: no such file (and not a `datasets` hub name of the form org/name)")
 
 
-def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
     # Read with the json module rather than `datasets`, so a bad line is reported by number.
     opener: Callable[..., Any] = gzip.open if p.name.endswith(".gz") else open
     with opener(p, "rt", encoding="utf-8") as f:
@@ -272,7 +272,8 @@ def load_records(
 
     A parser returns the row's records or raises DataError. SkippedRecord (valid but useless,
     e.g. identical replies) is always counted and skipped; other errors (a malformed JSON line, a
-    row whose format cannot be told, a missing or empty field) raise unless on_error="skip". Returns (records, report); raises DataError if nothing was usable.
+    row whose format cannot be told, a missing or empty field) raise unless on_error="skip".
+    Returns (records, report); raises DataError if nothing was usable.
     """
     if on_error not in ("raise", "skip"):
         raise DataError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")

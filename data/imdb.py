@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from data.formats import Conversation, DataError, Message, PreferencePair, iter_rows
+from data.formats import Conversation, DataError, MalformedLine, Message, PreferencePair, iter_rows
 
 PARTS = ("sft", "reward", "judge", "ppo", "eval")
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -49,7 +49,7 @@ def load_reviews(path: str, limit: int | None = None) -> list[Review]:
     out = []
     for line, row in iter_rows(path):
         where = f"{path}:{line}"
-        if isinstance(row, DataError):  # a malformed line
+        if isinstance(row, MalformedLine):
             raise row
         if (
             not isinstance(row, dict)
