@@ -127,7 +127,7 @@ def build_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, dict(extra))
+    return _merge(config, plain(extra))  # plain dicts all the way down: a nested key merges, not replaces
 
 
 def effective_stage(
@@ -461,11 +461,16 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def partition_numel(module: torch.nn.Module) -> tuple[int, int]:
-    """(elements this rank stores, elements of the whole model) for the module's parameters."""
+    """(elements this rank stores, elements of the whole model) for the module's parameters.
+
+    Under ZeRO-3 a rank stores its partition of each parameter, and also the whole of each one
+    DeepSpeed keeps persistent (below `stage3_param_persistence_threshold`, 1e5 elements by default:
+    every matrix of the built-in model), which it gathers once and keeps on every rank.
+    """
     local = total = 0
     for p in module.parameters():
         if hasattr(p, "ds_tensor"):  # ZeRO-3 partitioned
-            local += p.ds_tensor.numel()
+            local += p.ds_tensor.numel() + (p.ds_numel if getattr(p, "ds_persist", False) else 0)
             total += p.ds_numel
         else:
             local += p.numel()

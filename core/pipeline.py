@@ -192,15 +192,20 @@ def compose_stage(
         head = key.split(".")[0]
         if stage == "ppo" and head not in cfg and head in cfg.ppo:
             key = f"ppo.{key}"
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+        # a deepspeed group's `extra` holds raw DeepSpeed keys that no schema names: any key goes there
+        raw = f".{OPEN_MAPPING}." in f".{key}"
+        if not raw and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"{stage}.{key}: conf/{stage}.yaml has no such key")
         try:
-            OmegaConf.update(cfg, key, value, merge=True)
+            with open_dict(cfg) if raw else contextlib.nullcontext():
+                OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:  # a validation error: re-raise naming the pipeline key
             raise ConfigError(f"{stage}.{key}={value!r}: {e}") from e
     OmegaConf.resolve(cfg)
     return cfg
 
+
+OPEN_MAPPING = "extra"  # core.config.DeepSpeedConfig.extra: raw DeepSpeed keys, merged last
 
 # Model roles a stage fills, when null, with the newest export of a stage's own runs (`python -m ppo`
 # alone does): role -> the stage whose runs under the config's runs_dir it reads.

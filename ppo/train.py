@@ -227,7 +227,7 @@ class PPORecipe:
         actor_cfg, critic_cfg = train_cfg(c.actor_ds, c.actor_optim), train_cfg(c.critic_ds, c.critic_optim)
         frozen_cfg = ds.build_config(
             stage=c.frozen_ds.stage, offload_optimizer=False, offload_param=c.frozen_ds.offload_param,
-            extra=dict(c.frozen_ds.extra), micro_batch_size_per_device=c.rollout.micro_batch_size_per_device,
+            extra=c.frozen_ds.extra, micro_batch_size_per_device=c.rollout.micro_batch_size_per_device,
             grad_accum_steps=1, global_batch_size=None, precision=t.precision, grad_clip=0.0, lr=0.0,
             betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, frozen=True,
         )  # fmt: skip

@@ -53,6 +53,14 @@ def test_extra_keys_merge_deeply_and_cpu_uses_torch_adamw():
     offload = build_config(**{**BASE, "offload_optimizer": True})["optimizer"]["params"]
     assert offload["torch_adam"] is False and "fused" not in offload  # DeepSpeedCPUAdam
     assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
+    # as a config node (the YAML group's `extra`) it merges as deeply: ZeRO's other keys stay
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"zero_optimization": {"reduce_bucket_size": 123}})
+    assert build_config(**{**BASE, "extra": node})["zero_optimization"] == {
+        "stage": 0,
+        "reduce_bucket_size": 123,
+    }
 
 
 def test_a_stale_op_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):

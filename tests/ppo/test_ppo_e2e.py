@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from core import models
-from tests.conftest import ROOT, deepspeed_launcher, metric_series, read_metrics, run_stage, stage_env
+from tests.conftest import (
+    ROOT,
+    deepspeed_launcher,
+    metric_series,
+    partition_all,
+    read_metrics,
+    run_stage,
+    stage_env,
+)
 
 NO_LOG = ("logger=none",)
 
@@ -130,6 +138,7 @@ def test_killed_run_resumes_to_the_same_result(exports, tmp_path):
 def test_two_ranks_zero3_partition_all_four_models(exports, tmp_path):
     run = tmp_path / "z3"
     run_stage("ppo", *ppo_args(exports, run, "deepspeed@actor_ds=zero3", "deepspeed@critic_ds=zero3", "deepspeed@frozen_ds=zero3",
+                               *partition_all("actor_ds", "critic_ds", "frozen_ds"),
                                "train.max_steps=2", "train.eval_every=0", "rollout.batch_size=16",
                                "train.micro_batch_size_per_device=4", "train.grad_accum_steps=2",
                                # each rank saves its EMA shard (safetensors) while the others sync the directory: the

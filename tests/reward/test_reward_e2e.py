@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from core.deepspeed import consolidated_fp32_state_dict
-from tests.conftest import deepspeed_launcher, metric_series, read_metrics, run_stage
+from tests.conftest import PARTITION_ALL, deepspeed_launcher, metric_series, read_metrics, run_stage
 
 QUICK = ["logger=none", "train.eval_every=0", "train.log_every=1"]
 
@@ -55,7 +55,7 @@ def test_builtin_reward_model_agrees_with_the_noise_free_gold_judge(tmp_path):
 @pytest.mark.distributed
 def test_zero3_two_ranks_partition_and_export_the_gathered_weights(tmp_path):
     run = tmp_path / "z3"
-    run_stage("reward", *QUICK, "deepspeed=zero3", "train.max_steps=6", "train.micro_batch_size_per_device=4",
+    run_stage("reward", *QUICK, "deepspeed=zero3", PARTITION_ALL, "train.max_steps=6", "train.micro_batch_size_per_device=4",
               "data.builtin.num_prompts=200", f"hydra.run.dir={run}", launcher=deepspeed_launcher(2))  # fmt: skip
     rows = read_metrics(run)
     assert rows[0]["zero/param_share_rank0"] == pytest.approx(0.5, abs=0.05)
