@@ -192,12 +192,11 @@ def compose_stage(
         head = key.split(".")[0]
         if stage == "ppo" and head not in cfg and head in cfg.ppo:
             key = f"ppo.{key}"
-        # a deepspeed group's `extra` holds raw DeepSpeed keys that no schema names: any key goes there
-        raw = f".{OPEN_MAPPING}." in f".{key}"
-        if not raw and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+        raw = _open_mapping(cfg, key)
+        if raw is None and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"{stage}.{key}: conf/{stage}.yaml has no such key")
         try:
-            with open_dict(cfg) if raw else contextlib.nullcontext():
+            with open_dict(raw) if raw is not None else contextlib.nullcontext():
                 OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:  # a validation error: re-raise naming the pipeline key
             raise ConfigError(f"{stage}.{key}={value!r}: {e}") from e
@@ -205,7 +204,16 @@ def compose_stage(
     return cfg
 
 
-OPEN_MAPPING = "extra"  # core.config.DeepSpeedConfig.extra: raw DeepSpeed keys, merged last
+def _open_mapping(cfg: DictConfig, key: str) -> DictConfig | None:
+    """The deepspeed group's `extra` that `key` sets a key inside (raw DeepSpeed keys, which no schema
+    names, so any key may go there), or None. The path up to `extra` must exist: a misspelt group
+    still fails."""
+    parts = key.split(".")
+    if "extra" not in parts[:-1]:
+        return None
+    node = OmegaConf.select(cfg, ".".join(parts[: parts.index("extra") + 1]), default=None)
+    return node if isinstance(node, DictConfig) else None
+
 
 # Model roles a stage fills, when null, with the newest export of a stage's own runs (`python -m ppo`
 # alone does): role -> the stage whose runs under the config's runs_dir it reads.

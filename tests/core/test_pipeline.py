@@ -90,6 +90,8 @@ def test_compose_stage_values_groups_alias_and_typos():
         assert cfg.actor_ds.extra == {"zero_optimization": {"reduce_bucket_size": 5}}
         sft = pipeline.compose_stage("sft", {"deepspeed": {"extra": {"steps_per_print": 5}}}, {}, "/d")
         assert sft.deepspeed.extra.steps_per_print == 5
+        with pytest.raises(ConfigError, match="ppo.actor_dss.extra.x"):  # a misspelt group still fails
+            pipeline.compose_stage("ppo", {"actor_dss": {"extra": {"x": 1}}}, {}, "/d")
 
 
 def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
