@@ -1,4 +1,4 @@
-"""PPO losses: clipped policy surrogate, clipped value loss, entropy. Pure functions.
+"""PPO losses: clipped policy surrogate, the actor's whole objective, clipped value loss, entropy. Pure functions.
 
 Reduction: a sum over valid tokens divided by `num_tokens`, which the caller sets to the
 valid-token count of the whole minibatch divided by (ranks x micro-batches), so that
@@ -92,3 +92,28 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def kl_loss(kl: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
     """KL to the reference as a loss term instead of a reward penalty (GRPO, Shao et al. 2024, eq. 3)."""
     return _reduce(kl, mask, num_tokens)
+
+
+def actor_loss(
+    surrogate: torch.Tensor,
+    mask: torch.Tensor,
+    num_tokens: float,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """The actor's objective, a scalar to minimise (without PPO-ptx, which the caller adds):
+
+        L = L_clip - c_ent * H + beta * KL
+
+    L_clip is `policy_loss(...).loss`; the entropy bonus H (`entropy`, [B, A]) rewards exploration
+    (Schulman et al. 2017, eq. 9); the KL term is given (`kl`, [B, A], from `kl_estimate`) only when
+    the KL is a loss instead of a reward penalty (`ppo.kl_in=loss`). Both reduce like the surrogate.
+    """
+    loss = surrogate
+    if entropy_coef:
+        loss = loss - entropy_coef * _reduce(entropy, mask, num_tokens)
+    if kl is not None:
+        loss = loss + kl_coef * kl_loss(kl, mask, num_tokens)
+    return loss

@@ -33,7 +33,7 @@ from ppo import rollout as ro
 from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
 from ppo.kl import ESTIMATORS as KL_ESTIMATORS
 from ppo.kl import KLController, kl_estimate
-from ppo.loss import kl_loss, policy_loss, value_loss
+from ppo.loss import actor_loss, policy_loss, value_loss
 from ppo.ptx import PtxData
 
 log = logging.getLogger(__name__)
@@ -559,12 +559,9 @@ class PPORecipe:
                     pl = policy_loss(
                         logp, mb.logprobs, mb.advantages, mb.response_mask, p.clip_eps, denoms[k]
                     )
-                    loss = pl.loss
-                    if p.entropy_coef:
-                        loss = loss - p.entropy_coef * (ent * mb.response_mask).sum() / denoms[k]
-                    if p.kl_in == "loss":
-                        kl = kl_estimate(logp, mb.ref_logprobs, p.kl_estimator)
-                        loss = loss + self.kl_ctl.value * kl_loss(kl, mb.response_mask, denoms[k])
+                    kl = kl_estimate(logp, mb.ref_logprobs, p.kl_estimator) if p.kl_in == "loss" else None
+                    loss = actor_loss(pl.loss, mb.response_mask, denoms[k], ent, p.entropy_coef, kl,
+                                      self.kl_ctl.value)  # fmt: skip
                     ptx = torch.zeros((), device=self.device)
                     if self.ptx is not None:
                         ptx = self.ptx.loss(self.actor, self.device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppo.kl import KLController, kl_estimate
-from ppo.loss import entropy_from_logits, kl_loss, policy_loss, value_loss
+from ppo.loss import actor_loss, entropy_from_logits, kl_loss, policy_loss, value_loss
 
 
 def test_policy_loss_by_hand():
@@ -91,6 +91,50 @@ def test_entropy_and_kl_loss():
     uniform = torch.zeros(1, 1, 4)
     assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
     assert kl_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]]), num_tokens=1).item() == 1.0
+
+
+def test_actor_loss_by_hand():
+    surrogate = torch.tensor(0.5)
+    mask = torch.tensor([[True, True, False]])
+    entropy = torch.tensor([[1.0, 2.0, 100.0]])
+    kl = torch.tensor([[0.2, 0.4, 100.0]])
+    assert actor_loss(surrogate, mask, 2.0).item() == 0.5
+    # the entropy bonus is subtracted: 0.5 - 0.1 x (1 + 2) / 2; the masked token counts for nothing
+    assert actor_loss(surrogate, mask, 2.0, entropy, 0.1).item() == pytest.approx(0.35)
+    # KL as a loss is added with its coefficient: 0.5 + 0.5 x (0.2 + 0.4) / 2
+    assert actor_loss(surrogate, mask, 2.0, kl=kl, kl_coef=0.5).item() == pytest.approx(0.65)
+    assert actor_loss(surrogate, mask, 2.0, entropy, 0.1, kl, 0.5).item() == pytest.approx(0.5)
+    assert actor_loss(surrogate, mask, 2.0, entropy, 0.0, None, 0.5).item() == 0.5  # both off
+
+
+def test_actor_loss_steps_raise_entropy_and_pull_towards_the_reference():
+    """The signs: gradient steps on the bonus alone make the policy more uniform; on the k3 term alone
+    they bring its log-probs to the reference's (zero advantages, so the surrogate is flat)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5).mul(3).requires_grad_()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    actions = torch.randint(5, (2, 3))
+    ref = torch.log_softmax(torch.randn(2, 3, 5), -1).gather(-1, actions[..., None])[..., 0]
+
+    def step(entropy_coef, kl_coef):
+        logp = torch.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0]
+        pl = policy_loss(logp, logp.detach(), torch.zeros(2, 3), mask, 0.2, 6)
+        kl = kl_estimate(logp, ref, "k3") if kl_coef else None
+        loss = actor_loss(pl.loss, mask, 6, entropy_from_logits(logits), entropy_coef, kl, kl_coef)
+        logits.grad = None
+        loss.backward()
+        with torch.no_grad():
+            logits.sub_(2.0 * logits.grad)
+        return logp.detach()
+
+    start = entropy_from_logits(logits).mean().item()
+    for _ in range(20):
+        step(0.5, 0.0)
+    assert entropy_from_logits(logits).mean().item() > start + 0.1
+    gap = (step(0.0, 1.0) - ref).abs().mean().item()
+    for _ in range(100):
+        last = step(0.0, 1.0)
+    assert (last - ref).abs().mean().item() < gap / 4
 
 
 def test_kl_estimators_by_hand():
