@@ -145,9 +145,9 @@ def gold_judge() -> Judge:
                  lambda prompts, texts: [float(task.gold_score(p, t)) for p, t in zip(prompts, texts)])  # fmt: skip
 
 
-def sentiment_judge(path: str, imdb_cfg: Any) -> Judge:
+def sentiment_judge(path: str, imdb_cfg: Any, on_error: str = "raise") -> Judge:
     """The bag-of-words sentiment classifier fit on the IMDB `judge` part (never seen by the reward model)."""
-    model = imdb.fit_judge(path, imdb_cfg)
+    model = imdb.fit_judge(path, imdb_cfg, on_error)
     return Judge("sentiment", "an independent sentiment classifier (bag-of-words logistic regression fit on "
                  "IMDB reviews the reward model never saw): P(positive), positive above 0.5",
                  lambda prompts, texts: model.positive_prob(texts), threshold=0.5)  # fmt: skip
@@ -232,7 +232,7 @@ def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
     if d.path == "builtin":
         prompts = [(Message("user", p),) for p in task.split_prompts(d.builtin.seed)[1]]
     elif d.format == "imdb":
-        prompts = list(imdb.prompts(d.path, d.imdb, "eval"))
+        prompts = list(imdb.prompts(d.path, d.imdb, "eval", d.on_error))
     else:
         if d.eval_path is not None:
             held, _ = load_prompts(d.eval_path, d.format, on_error=d.on_error, split=d.split)
@@ -244,7 +244,7 @@ def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
         made = gold_judge()
     else:  # the IMDB judge part: PPO's own IMDB settings, or conf/data/imdb.yaml's under its data root
         imdb_data = d if d.format == "imdb" else _imdb_data(stage_cfg.data_root)
-        made = sentiment_judge(imdb_data.path, imdb_data.imdb)
+        made = sentiment_judge(imdb_data.path, imdb_data.imdb, imdb_data.on_error)
     return {
         "prompts": prompts,
         "judge": made,

@@ -109,8 +109,8 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
     opener: Callable[..., Any] = gzip.open if p.name.endswith(".gz") else open
     with opener(p, "rt", encoding="utf-8") as f:
         text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    lines = p.name.lower().endswith((".jsonl", ".jsonl.gz"))
+    if not lines and text.lstrip().startswith("["):  # a .json file holds one array or JSON Lines
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -125,7 +125,9 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            row = MalformedLine(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})")
+            array = lines and lineno == 1 and line.startswith("[")
+            hint = " (a JSON array? name the file .json)" if array else ""
+            row = MalformedLine(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}){hint}")
         yield lineno, row
 
 

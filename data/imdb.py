@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from data.formats import Conversation, DataError, MalformedLine, Message, PreferencePair, iter_rows
+from data.formats import Conversation, DataError, Message, PreferencePair, load_records
 
 PARTS = ("sft", "reward", "judge", "ppo", "eval")
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -44,23 +44,17 @@ def clean(text: str) -> str:
     return " ".join(_BREAK.sub(" ", text).split())
 
 
-def load_reviews(path: str, limit: int | None = None) -> list[Review]:
-    """Reviews from a file of {"text", "label"} records (the first `limit` when given)."""
-    out = []
-    for line, row in iter_rows(path):
-        where = f"{path}:{line}"
-        if isinstance(row, MalformedLine):
-            raise row
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("text"), str)
-            or row.get("label") not in (0, 1)
-        ):
-            raise DataError(f"{where}: expected a string 'text' and a 'label' of 0 or 1")
-        out.append(Review(tuple(clean(row["text"]).split()), row["label"], where))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+def _review(row: Any, where: str) -> list[Review]:
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str) or row.get("label") not in (0, 1):
+        raise DataError(f"{where}: expected a string 'text' and a 'label' of 0 or 1")
+    return [Review(tuple(clean(row["text"]).split()), row["label"], where)]
+
+
+def load_reviews(path: str, on_error: str = "raise") -> list[Review]:
+    """Reviews from a file of {"text", "label"} records; `on_error="skip"` counts and skips bad lines
+    (`data.on_error`, as for every other format)."""
+    reviews, _ = load_records(path, "imdb", {"imdb": _review}, lambda row, where: "imdb", on_error=on_error)
+    return reviews
 
 
 def split_reviews(reviews: list[Review], fractions: dict[str, float], seed: int) -> dict[str, list[Review]]:
@@ -126,33 +120,33 @@ def preference_pairs(reviews: list[Review], prompt_words: int, response_words: i
 
 
 @functools.lru_cache(maxsize=2)
-def _parts(path: str, fractions: tuple[tuple[str, float], ...], seed: int):
-    return split_reviews(load_reviews(path), dict(fractions), seed)
+def _parts(path: str, fractions: tuple[tuple[str, float], ...], seed: int, on_error: str):
+    return split_reviews(load_reviews(path, on_error), dict(fractions), seed)
 
 
-def task_parts(path: str, cfg: Any) -> dict[str, list[Review]]:
+def task_parts(path: str, cfg: Any, on_error: str = "raise") -> dict[str, list[Review]]:
     """The parts of the review file for a `data.imdb` config (the same split in every stage)."""
     if cfg is None:
         raise DataError("data.format=imdb needs the data.imdb settings: use data=imdb (conf/data/imdb.yaml)")
-    return _parts(str(path), tuple(sorted(dict(cfg.fractions).items())), cfg.seed)
+    return _parts(str(path), tuple(sorted(dict(cfg.fractions).items())), cfg.seed, on_error)
 
 
-def sft_conversations(path: str, cfg: Any) -> list[Conversation]:
+def sft_conversations(path: str, cfg: Any, on_error: str = "raise") -> list[Conversation]:
     """SFT demonstrations: (opening, continuation) of every review of the sft part."""
-    rows = demonstrations(task_parts(path, cfg)["sft"], cfg.prompt_words, cfg.response_words)
+    rows = demonstrations(task_parts(path, cfg, on_error)["sft"], cfg.prompt_words, cfg.response_words)
     return [Conversation((Message("user", p), Message("assistant", r)), f"imdb:sft:{i}")
             for i, (p, r) in enumerate(rows)]  # fmt: skip
 
 
 def reward_pairs(
-    path: str, cfg: Any, eval_fraction: float, seed: int
+    path: str, cfg: Any, eval_fraction: float, seed: int, on_error: str = "raise"
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, eval) reward-model pairs from the reward part (see `preference_pairs`).
 
     A review can be in several pairs, so the eval pairs are split off by review before pairing
     (eval_fraction of the reviews, label-balanced): no eval continuation is ever trained on.
     """
-    reviews = task_parts(path, cfg)["reward"]
+    reviews = task_parts(path, cfg, on_error)["reward"]
     split = split_reviews(reviews, {"reward": 1.0 - eval_fraction, "eval": eval_fraction}, seed)
     train, evals = (
         preference_pairs(split[part], cfg.prompt_words, cfg.response_words, cfg.seed, cfg.pairs_per_group)
@@ -161,18 +155,18 @@ def reward_pairs(
     return train, evals
 
 
-def prompts(path: str, cfg: Any, part: str) -> list[tuple[Message, ...]]:
+def prompts(path: str, cfg: Any, part: str, on_error: str = "raise") -> list[tuple[Message, ...]]:
     """Review openings of a part ("ppo" for rollouts, "eval" held out from every stage), deduplicated."""
     seen: dict[str, None] = {}
-    for r in task_parts(path, cfg)[part]:
+    for r in task_parts(path, cfg, on_error)[part]:
         if (o := opening(r, cfg.prompt_words, cfg.response_words)) is not None:
             seen.setdefault(o[0], None)
     return [(Message("user", p),) for p in seen]
 
 
-def fit_judge(path: str, cfg: Any) -> SentimentJudge:
+def fit_judge(path: str, cfg: Any, on_error: str = "raise") -> SentimentJudge:
     """The independent judge, fit on continuation-sized windows of the judge part."""
-    texts, labels = snippets(task_parts(path, cfg)["judge"], cfg.response_words, cfg.judge_windows_per_review,
+    texts, labels = snippets(task_parts(path, cfg, on_error)["judge"], cfg.response_words, cfg.judge_windows_per_review,
                              cfg.seed)  # fmt: skip
     return SentimentJudge().fit(texts, labels)
 

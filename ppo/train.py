@@ -179,8 +179,8 @@ class PPORecipe:
             train_prompts = [(Message("user", p),) for p in train]
             eval_prompts = [(Message("user", p),) for p in held]
         elif d.format == "imdb":  # openings of reviews no other stage saw (the final evaluation has its own)
-            train_prompts, eval_prompts = split_train_eval(imdb.prompts(d.path, d.imdb, "ppo"), d.eval_fraction,
-                                                           d.shuffle_seed)  # fmt: skip
+            rollout_prompts = imdb.prompts(d.path, d.imdb, "ppo", d.on_error)
+            train_prompts, eval_prompts = split_train_eval(rollout_prompts, d.eval_fraction, d.shuffle_seed)
         else:
             train_prompts, _ = load_prompts(d.path, d.format, on_error=d.on_error, split=d.split)
             if d.eval_path is not None:

@@ -123,7 +123,7 @@ class RewardRecipe:
             )
             evals = self._builtin_pairs(task.preference_pairs(n_eval, d.builtin.seed + 1, heldout))
         elif d.format == "imdb":
-            train, evals = imdb.reward_pairs(d.path, d.imdb, d.eval_fraction, d.shuffle_seed)
+            train, evals = imdb.reward_pairs(d.path, d.imdb, d.eval_fraction, d.shuffle_seed, d.on_error)
         else:
             train, _ = load_preferences(d.path, d.format, on_error=d.on_error, split=d.split)
             if d.eval_path is not None:

@@ -96,7 +96,9 @@ class SFTRecipe:
         if d.path == "builtin":
             return builtin.sft_conversations(d.builtin.num_prompts, d.builtin.seed, d.eval_fraction)
         if d.format == "imdb":
-            return split_train_eval(imdb.sft_conversations(d.path, d.imdb), d.eval_fraction, d.shuffle_seed)
+            return split_train_eval(
+                imdb.sft_conversations(d.path, d.imdb, d.on_error), d.eval_fraction, d.shuffle_seed
+            )
         train, _ = load_conversations(d.path, d.format, on_error=d.on_error, split=d.split)
         if d.eval_path is not None:
             evals, _ = load_conversations(d.eval_path, d.format, on_error=d.on_error, split=d.split)

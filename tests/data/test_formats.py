@@ -144,6 +144,20 @@ def test_on_error_skip_skips_malformed_lines_and_detects_on_the_next_row(tmp_pat
         load_conversations(str(path), None, on_error="skip")
 
 
+def test_a_json_file_may_hold_an_array_a_jsonl_file_only_lines(tmp_path):
+    array = json.dumps([PROMPT, PROMPT], indent=1)
+    (tmp_path / "a.json").write_text(array)
+    records, _ = load_conversations(str(tmp_path / "a.json"), None)
+    assert len(records) == 2
+    (tmp_path / "a.jsonl").write_text(array)  # read line by line: the first line says what it looks like
+    with pytest.raises(DataError, match=r"a.jsonl:1: malformed JSON line .*name the file .json"):
+        load_conversations(str(tmp_path / "a.jsonl"), None)
+    # under skip a JSON Lines file whose first row is malformed is not read as one array
+    (tmp_path / "b.jsonl").write_text("[1, 2\n" + json.dumps(PROMPT) + "\n")
+    records, report = load_conversations(str(tmp_path / "b.jsonl"), None, on_error="skip")
+    assert len(records) == 1 and sum(report.skipped.values()) == 1
+
+
 def test_on_error_skip_counts_every_reason(tmp_path):
     rows = [PROMPT, {"prompt": "x", "response": ""}, {"prompt": "x"}, {"prompt": "x", "response": ""}, PROMPT]
     records, report = load_conversations(write_jsonl(tmp_path / "d.jsonl", rows), "prompt", on_error="skip")

@@ -21,10 +21,13 @@ def test_clean_and_load(tmp_path):
     loaded = imdb.load_reviews(str(path))
     assert [r.words for r in loaded] == [("Great", "film.", "Really"), ("Bad", "one")]
     assert [r.label for r in loaded] == [1, 0] and loaded[1].source.endswith("r.jsonl.gz:2")
-    assert len(imdb.load_reviews(str(path), limit=1)) == 1
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x", "label": 3}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "label": 3}) + "\n{not json\n" + json.dumps(rows[0]) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: .*label"):
-        imdb.load_reviews(str(tmp_path / "bad.jsonl"))
+        imdb.load_reviews(str(bad))
+    # data.on_error=skip counts and skips the bad label and the malformed line, as for every other format
+    kept = imdb.load_reviews(str(bad), on_error="skip")
+    assert [(r.words, r.source) for r in kept] == [(("Great", "film.", "Really"), f"{bad}:3")]
 
 
 def test_split_is_disjoint_balanced_and_seeded():
@@ -113,6 +116,12 @@ def test_task_parts_feed_each_stage_from_disjoint_reviews(tmp_path):
     assert judge.positive_prob(["great wonderful", "awful dull"])[0] > 0.5
     with pytest.raises(DataError, match="data=imdb"):
         imdb.task_parts(str(path), None)
+    # each stage passes its data.on_error: a malformed line stops the task or is skipped
+    spoilt = tmp_path / "spoilt.jsonl"
+    spoilt.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(DataError, match="spoilt.jsonl:401: malformed JSON"):
+        imdb.sft_conversations(str(spoilt), cfg)
+    assert imdb.sft_conversations(str(spoilt), cfg, on_error="skip") == convs
 
 
 @pytest.mark.shared_data
