@@ -118,6 +118,15 @@ ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
 # ----------------------------------------------------------------------------- command line
 
 
+def _package_form(arg: str) -> str:
+    """`ppo.deepspeed@actor_ds=zero3` -> `ppo.actor_ds=zero3`; any other argument as it is."""
+    head, sep, value = arg.partition("=")
+    if "@" in head and head.split(".", 1)[0] in STAGES:
+        stage, group_at_package = head.split(".", 1)
+        return f"{stage}.{group_at_package.split('@', 1)[1]}{sep}{value}"
+    return arg
+
+
 def stage_overrides_argv(argv: list[str]) -> list[str]:
     """Let `sft.optim.lr=1e-4` reach the open `sft:` node: Hydra needs `++` to add a key there.
 
@@ -126,6 +135,7 @@ def stage_overrides_argv(argv: list[str]) -> list[str]:
     A group chosen by name and given keys in the same command (`sft.data=imdb sft.data.max_len=96`)
     is an error: the keys would replace the choice (choose it through a stage experiment instead).
     """
+    argv = [_package_form(arg) for arg in argv]
     heads = [arg.split("=", 1)[0].lstrip("+") for arg in argv if "=" in arg]
     for head in heads:
         if (
@@ -141,10 +151,6 @@ def stage_overrides_argv(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         head = arg.split("=", 1)[0]
-        if "@" in head and head.split(".", 1)[0] in STAGES:
-            stage, group_at_package = head.split(".", 1)
-            head = f"{stage}.{group_at_package.split('@', 1)[1]}"
-            arg = head + "=" + arg.split("=", 1)[1]
         if "=" in arg and not arg.startswith(("+", "~")) and head.split(".", 1)[0] in STAGES and "." in head:
             arg = "++" + arg
         out.append(arg)
