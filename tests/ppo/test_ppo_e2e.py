@@ -57,7 +57,7 @@ def test_ppo_raises_reward_and_gold_reward_with_bounded_kl(exports, tmp_path):
     assert len(reward) == 40
     assert mean(reward[-8:]) > mean(reward[:8]) + 0.2, reward
     assert mean(gold[-8:]) > mean(gold[:8]) + 0.2, gold
-    assert max(kl) < 5.0, kl  # nats per response; the KL penalty holds it
+    assert max(kl) < 3.0, kl  # nats per response
     for key in ("ppo/entropy", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approxkl",
                 "ppo/value_explained_var", "ppo/response_len", "ppo/no_eos_frac", "ppo/kl_coef",
                 "time/generate_s", "time/train_s", "time/step_s", "eval/gold_reward"):  # fmt: skip
@@ -70,6 +70,16 @@ def test_ppo_raises_reward_and_gold_reward_with_bounded_kl(exports, tmp_path):
     sft = load_file(exports / "sft" / "run" / "export" / "model.safetensors")
     trained = dict(actor.named_parameters())
     assert any(not torch.equal(sft[k], trained[k].detach()) for k in sft if k in trained)
+    # the KL penalty holds the policy nearer the reference as its coefficient grows (measured: the last 8
+    # steps' KL 1.24 with kl_coef 0, 1.00 with the default 0.05, 0.49 with 0.5), and reward still rises
+    strong = tmp_path / "strong"
+    run_stage("ppo", *ppo_args(exports, strong, "train.max_steps=40", "train.eval_every=20", "ppo.kl_coef=0.5"),
+              timeout=600)  # fmt: skip
+    rows = read_metrics(strong)
+    strong_kl = [v for _, v in metric_series(rows, "ppo/kl")]
+    strong_reward = [v for _, v in metric_series(rows, "ppo/reward")]
+    assert mean(strong_kl[-8:]) < 0.7 * mean(kl[-8:]), (strong_kl, kl)
+    assert mean(strong_reward[-8:]) > mean(strong_reward[:8]) + 0.2, strong_reward
 
 
 def test_missing_exports_name_the_command_to_run_first(tmp_path):
