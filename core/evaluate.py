@@ -145,7 +145,7 @@ def gold_judge() -> Judge:
                  lambda prompts, texts: [float(task.gold_score(p, t)) for p, t in zip(prompts, texts)])  # fmt: skip
 
 
-def sentiment_judge(path: str, imdb_cfg: Any, on_error: str = "raise") -> Judge:
+def sentiment_judge(path: str, imdb_cfg: Any, on_error: str) -> Judge:
     """The bag-of-words sentiment classifier fit on the IMDB `judge` part (never seen by the reward model)."""
     model = imdb.fit_judge(path, imdb_cfg, on_error)
     return Judge("sentiment", "an independent sentiment classifier (bag-of-words logistic regression fit on "

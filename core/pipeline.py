@@ -144,7 +144,8 @@ def stage_overrides_argv(argv: list[str]) -> list[str]:
             and any(h.startswith(head + ".") for h in heads)
         ):
             raise ConfigError(
-                f"{head}=<choice> and {head}.<key>=... in one command: the keys would replace the choice. "
+                f"{head}=<choice> (or its group@package form) and {head}.<key>=... in one command: the keys "
+                f"would replace the choice. "
                 f"Select the group in a stage experiment (conf/experiment/*.yaml, e.g. "
                 f"{head.split('.')[0]}.experiment=imdb selects data=imdb) and set {head}.<key> here"
             )

@@ -83,7 +83,7 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict[str, 
     """Yield (line or row number starting at 1, raw dict) from a file or a hub dataset.
 
     A JSON Lines line that does not parse comes as a `MalformedLine` instead of a dict (raise it or
-    skip it); a whole JSON array that does not parse raises at once.
+    skip it); a whole JSON array (`.json` only) that does not parse raises at once.
     """
     p = Path(path)
     name = p.name.lower()
@@ -109,8 +109,13 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
     opener: Callable[..., Any] = gzip.open if p.name.endswith(".gz") else open
     with opener(p, "rt", encoding="utf-8") as f:
         text = f.read()
-    lines = p.name.lower().endswith((".jsonl", ".jsonl.gz"))
-    if not lines and text.lstrip().startswith("["):  # a .json file holds one array or JSON Lines
+    array = text.lstrip().startswith("[")
+    if array and p.name.lower().endswith((".jsonl", ".jsonl.gz")):  # a mistake about the whole file
+        raise DataError(
+            f"{p}: starts with '[', a JSON array? A .jsonl file holds one JSON object per line; "
+            f"name an array file {p.name.split('.jsonl')[0]}.json{'.gz' if p.name.endswith('.gz') else ''}"
+        )
+    if array:  # a .json file holds one array or JSON Lines
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -125,9 +130,7 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            array = lines and lineno == 1 and line.startswith("[")
-            hint = " (a JSON array? name the file .json)" if array else ""
-            row = MalformedLine(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}){hint}")
+            row = MalformedLine(f"{p}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})")
         yield lineno, row
 
 

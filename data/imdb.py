@@ -124,14 +124,15 @@ def _parts(path: str, fractions: tuple[tuple[str, float], ...], seed: int, on_er
     return split_reviews(load_reviews(path, on_error), dict(fractions), seed)
 
 
-def task_parts(path: str, cfg: Any, on_error: str = "raise") -> dict[str, list[Review]]:
-    """The parts of the review file for a `data.imdb` config (the same split in every stage)."""
+def task_parts(path: str, cfg: Any, on_error: str) -> dict[str, list[Review]]:
+    """The parts of the review file for a `data.imdb` config (the same split in every stage); `on_error` is
+    the stage's `data.on_error`."""
     if cfg is None:
         raise DataError("data.format=imdb needs the data.imdb settings: use data=imdb (conf/data/imdb.yaml)")
     return _parts(str(path), tuple(sorted(dict(cfg.fractions).items())), cfg.seed, on_error)
 
 
-def sft_conversations(path: str, cfg: Any, on_error: str = "raise") -> list[Conversation]:
+def sft_conversations(path: str, cfg: Any, on_error: str) -> list[Conversation]:
     """SFT demonstrations: (opening, continuation) of every review of the sft part."""
     rows = demonstrations(task_parts(path, cfg, on_error)["sft"], cfg.prompt_words, cfg.response_words)
     return [Conversation((Message("user", p), Message("assistant", r)), f"imdb:sft:{i}")
@@ -139,7 +140,7 @@ def sft_conversations(path: str, cfg: Any, on_error: str = "raise") -> list[Conv
 
 
 def reward_pairs(
-    path: str, cfg: Any, eval_fraction: float, seed: int, on_error: str = "raise"
+    path: str, cfg: Any, eval_fraction: float, seed: int, on_error: str
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, eval) reward-model pairs from the reward part (see `preference_pairs`).
 
@@ -155,7 +156,7 @@ def reward_pairs(
     return train, evals
 
 
-def prompts(path: str, cfg: Any, part: str, on_error: str = "raise") -> list[tuple[Message, ...]]:
+def prompts(path: str, cfg: Any, part: str, on_error: str) -> list[tuple[Message, ...]]:
     """Review openings of a part ("ppo" for rollouts, "eval" held out from every stage), deduplicated."""
     seen: dict[str, None] = {}
     for r in task_parts(path, cfg, on_error)[part]:
@@ -164,10 +165,10 @@ def prompts(path: str, cfg: Any, part: str, on_error: str = "raise") -> list[tup
     return [(Message("user", p),) for p in seen]
 
 
-def fit_judge(path: str, cfg: Any, on_error: str = "raise") -> SentimentJudge:
+def fit_judge(path: str, cfg: Any, on_error: str) -> SentimentJudge:
     """The independent judge, fit on continuation-sized windows of the judge part."""
-    texts, labels = snippets(task_parts(path, cfg, on_error)["judge"], cfg.response_words, cfg.judge_windows_per_review,
-                             cfg.seed)  # fmt: skip
+    judge_part = task_parts(path, cfg, on_error)["judge"]
+    texts, labels = snippets(judge_part, cfg.response_words, cfg.judge_windows_per_review, cfg.seed)
     return SentimentJudge().fit(texts, labels)
 
 

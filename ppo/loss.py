@@ -1,4 +1,4 @@
-"""PPO losses: clipped policy surrogate, the actor's whole objective, clipped value loss, entropy. Pure functions.
+"""PPO losses: the clipped surrogate, the actor's objective, the clipped value loss, entropy. Pure functions.
 
 Reduction: a sum over valid tokens divided by `num_tokens`, which the caller sets to the
 valid-token count of the whole minibatch divided by (ranks x micro-batches), so that

@@ -67,7 +67,8 @@ def test_stage_keys_reach_the_open_stage_nodes():
     # a group chosen by name and given keys in one command: the keys would silently replace the choice
     with pytest.raises(ConfigError, match="would replace the choice"):
         pipeline.stage_overrides_argv(["sft.data=imdb", "sft.data.max_len=96"])
-    with pytest.raises(ConfigError, match="ppo.actor_ds=<choice> and ppo.actor_ds.<key>"):  # either form
+    either = r"ppo.actor_ds=<choice> \(or its group@package form\) and ppo.actor_ds.<key>"
+    with pytest.raises(ConfigError, match=either):
         pipeline.stage_overrides_argv(
             ["ppo.deepspeed@actor_ds=zero3", "ppo.actor_ds.extra.wall_clock_breakdown=true"]
         )

@@ -145,17 +145,17 @@ def test_on_error_skip_skips_malformed_lines_and_detects_on_the_next_row(tmp_pat
 
 
 def test_a_json_file_may_hold_an_array_a_jsonl_file_only_lines(tmp_path):
-    array = json.dumps([PROMPT, PROMPT], indent=1)
-    (tmp_path / "a.json").write_text(array)
-    records, _ = load_conversations(str(tmp_path / "a.json"), None)
-    assert len(records) == 2
-    (tmp_path / "a.jsonl").write_text(array)  # read line by line: the first line says what it looks like
-    with pytest.raises(DataError, match=r"a.jsonl:1: malformed JSON line .*name the file .json"):
-        load_conversations(str(tmp_path / "a.jsonl"), None)
-    # under skip a JSON Lines file whose first row is malformed is not read as one array
-    (tmp_path / "b.jsonl").write_text("[1, 2\n" + json.dumps(PROMPT) + "\n")
-    records, report = load_conversations(str(tmp_path / "b.jsonl"), None, on_error="skip")
-    assert len(records) == 1 and sum(report.skipped.values()) == 1
+    for indent in (None, 1):  # json.dump's one line, and one element per line
+        array = json.dumps([PROMPT, PROMPT], indent=indent)
+        (tmp_path / "a.json").write_text(array)
+        records, _ = load_conversations(str(tmp_path / "a.json"), None)
+        assert len(records) == 2
+        # an array named .jsonl is a mistake about the whole file: it stops the run even under skip,
+        # where its lines would be dropped one by one (all but the last element of an indented array)
+        (tmp_path / "a.jsonl").write_text(array)
+        for on_error in ("raise", "skip"):
+            with pytest.raises(DataError, match=r"a.jsonl: starts with '\[', a JSON array\? .* a.json$"):
+                load_conversations(str(tmp_path / "a.jsonl"), None, on_error=on_error)
 
 
 def test_on_error_skip_counts_every_reason(tmp_path):

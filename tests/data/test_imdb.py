@@ -95,10 +95,10 @@ def test_task_parts_feed_each_stage_from_disjoint_reviews(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = OmegaConf.load("conf/data/imdb.yaml").imdb
     cfg.response_words = 6
-    convs = imdb.sft_conversations(str(path), cfg)
-    pairs, eval_pairs = imdb.reward_pairs(str(path), cfg, eval_fraction=0.2, seed=0)
-    rollout = imdb.prompts(str(path), cfg, "ppo")
-    held = imdb.prompts(str(path), cfg, "eval")
+    convs = imdb.sft_conversations(str(path), cfg, "raise")
+    pairs, eval_pairs = imdb.reward_pairs(str(path), cfg, eval_fraction=0.2, seed=0, on_error="raise")
+    rollout = imdb.prompts(str(path), cfg, "ppo", "raise")
+    held = imdb.prompts(str(path), cfg, "eval", "raise")
     assert len(convs) == 160 and convs[0].messages[0].content.startswith("Opening")  # 40 % of 400
     assert all(len(c.messages[1].content.split()) == 6 for c in convs)
     assert pairs and all("great" in p.chosen and "awful" in p.rejected for p in pairs + eval_pairs)
@@ -109,18 +109,18 @@ def test_task_parts_feed_each_stage_from_disjoint_reviews(tmp_path):
         assert 5 <= len(prompts) == len(set(prompts)) <= 7 and all(
             p[0].content.startswith("Opening ") for p in prompts
         )
-    parts = imdb.task_parts(str(path), cfg)
+    parts = imdb.task_parts(str(path), cfg, "raise")
     ids = {name: {r.words[-1] for r in part} for name, part in parts.items()}
     assert all(not ids[a] & ids[b] for a in ids for b in ids if a < b)  # disjoint
-    judge = imdb.fit_judge(str(path), cfg)
+    judge = imdb.fit_judge(str(path), cfg, "raise")
     assert judge.positive_prob(["great wonderful", "awful dull"])[0] > 0.5
     with pytest.raises(DataError, match="data=imdb"):
-        imdb.task_parts(str(path), None)
-    # each stage passes its data.on_error: a malformed line stops the task or is skipped
+        imdb.task_parts(str(path), None, "raise")
+    # the stage's data.on_error: a malformed line stops the task or is skipped
     spoilt = tmp_path / "spoilt.jsonl"
     spoilt.write_text(path.read_text() + "{not json\n")
     with pytest.raises(DataError, match="spoilt.jsonl:401: malformed JSON"):
-        imdb.sft_conversations(str(spoilt), cfg)
+        imdb.sft_conversations(str(spoilt), cfg, "raise")
     assert imdb.sft_conversations(str(spoilt), cfg, on_error="skip") == convs
 
 

@@ -73,8 +73,8 @@ def test_ppo_raises_reward_and_gold_reward_with_bounded_kl(exports, tmp_path):
     # the KL penalty holds the policy nearer the reference as its coefficient grows (measured: the last 8
     # steps' KL 1.24 with kl_coef 0, 1.00 with the default 0.05, 0.49 with 0.5), and reward still rises
     strong = tmp_path / "strong"
-    run_stage("ppo", *ppo_args(exports, strong, "train.max_steps=40", "train.eval_every=20", "ppo.kl_coef=0.5"),
-              timeout=600)  # fmt: skip
+    strong_args = ppo_args(exports, strong, "train.max_steps=40", "train.eval_every=20", "ppo.kl_coef=0.5")
+    run_stage("ppo", *strong_args, timeout=600)
     rows = read_metrics(strong)
     strong_kl = [v for _, v in metric_series(rows, "ppo/kl")]
     strong_reward = [v for _, v in metric_series(rows, "ppo/reward")]
