@@ -345,6 +345,25 @@ def plan_stage(stage_dir: Path, key: str, forced: bool) -> str:
     return "run"
 
 
+def remove_stage_dir(stage_dir: Path) -> None:
+    """Delete a stage directory the pipeline made (its `pipeline_stage.json` at the top or in `export/`,
+    or nothing at all), renamed aside first so a crash mid-delete never leaves half a stage behind.
+
+    Anything else is refused: a `pipeline.name` or `hydra.run.dir` pointing at a directory that holds
+    other files (`hydra.run.dir=.` in the project, whose `sft/` is source code) must not lose them.
+    """
+    made = (stage_dir / STAGE_STATE).is_file() or (stage_dir / "export" / STAGE_STATE).is_file()
+    if not made and any(stage_dir.iterdir()):
+        raise ConfigError(
+            f"{stage_dir} exists and the pipeline did not make it (no {STAGE_STATE}): it would be replaced. "
+            f"Choose another pipeline.name or hydra.run.dir, or move it away yourself"
+        )
+    trash = stage_dir.with_name(f".{stage_dir.name}.removing")
+    shutil.rmtree(trash, ignore_errors=True)  # what an earlier crash left
+    stage_dir.rename(trash)
+    shutil.rmtree(trash)
+
+
 @contextlib.contextmanager
 def stage_lock(stage_dir: Path) -> Iterator[None]:
     """One process at a time per stage directory (parallel sweep jobs share SFT and reward)."""
@@ -408,7 +427,7 @@ def run_stage(stage: str, cfg: DictConfig, key: str, stage_dir: Path, action: st
     """Run one stage to its export (fresh or resumed); returns its wall time in seconds."""
     if action == "run" and stage_dir.exists():
         log.info("%s: removing %s (config changed or forced)", stage, stage_dir)
-        shutil.rmtree(stage_dir)
+        remove_stage_dir(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
@@ -468,7 +487,7 @@ class Pipeline:
         if link.is_symlink() or link.exists():
             if link.resolve() == target.resolve():
                 return target
-            link.unlink() if link.is_symlink() else shutil.rmtree(link)
+            link.unlink() if link.is_symlink() else remove_stage_dir(link)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(target, self.run_dir))
         return target

@@ -212,6 +212,33 @@ def test_a_forced_stage_runs_once_per_command(tmp_path, monkeypatch):
     assert pipeline.plan_stage(stage, "abc", forced=True) == "run"
 
 
+def test_only_stage_directories_the_pipeline_made_are_replaced(tmp_path):
+    ours = tmp_path / "sft"
+    (ours / "export").mkdir(parents=True)
+    (ours / "export" / pipeline.STAGE_STATE).write_text("{}")
+    (tmp_path / ".sft.removing" / "x").mkdir(parents=True)  # what a crash mid-delete left
+    pipeline.remove_stage_dir(ours)
+    assert not ours.exists() and not (tmp_path / ".sft.removing").exists()
+    (tmp_path / "empty").mkdir()
+    pipeline.remove_stage_dir(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+    # hydra.run.dir=. in the project: its sft/ is source code, not a stage run
+    foreign = tmp_path / "reward"
+    foreign.mkdir()
+    (foreign / "train.py").write_text("source")
+    with pytest.raises(ConfigError, match="the pipeline did not make it"):
+        pipeline.remove_stage_dir(foreign)
+    assert (foreign / "train.py").read_text() == "source"
+
+
+def test_a_pipeline_pointed_at_a_foreign_directory_stops_before_deleting_it(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "notes.txt").write_text("mine")
+    proc = run_stage("core.pipeline", f"hydra.run.dir={tmp_path}", "pipeline.stages=[sft]", check=False)
+    assert proc.returncode != 0 and "the pipeline did not make it" in proc.stdout + proc.stderr
+    assert (tmp_path / "sft" / "notes.txt").read_text() == "mine"
+
+
 def test_stage_command_in_process_or_under_the_launcher(tmp_path):
     cfg = OmegaConf.create(
         {"num_gpus": None, "num_procs": 1, "hostfile": None, "master_port": None, "extra_args": []}
