@@ -137,7 +137,8 @@ def save_checkpoint(
     tag = f"step-{step:08d}"
     tmp = root / f".tmp-{tag}"
     if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, *root.glob(".trash-*")):  # what a crash while saving or deleting left
+            shutil.rmtree(leftover, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     if isinstance(engines, dict):
@@ -157,7 +158,7 @@ def save_checkpoint(
         stages = {name: ds.zero_stage(engine) for name, engine in _named(engines).items()}
         layout = {"step": step, "world_size": dist.world_size(), "zero_stages": stages}
         atomic_write_text(tmp / TRAINER_STATE, json.dumps({**trainer_state, **layout}))
-        shutil.rmtree(final, ignore_errors=True)
+        _remove(final)  # a checkpoint of this step from an earlier run in this directory
         os.replace(tmp, final)
         fsync_dir(root)
         atomic_write_text(root / LATEST, tag + "\n")
@@ -179,7 +180,16 @@ def _prune(root: Path, step: int, keep: int) -> None:
     if later:
         log.warning("checkpoints of later steps, from an earlier run, stay in %s: %s", root, ", ".join(later))
     for old in mine[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint directory, renamed aside first: a crash mid-delete must not leave a `step-*`
+    whose trainer state says complete while shards are gone (the next save clears the `.trash-*`)."""
+    trash = checkpoint.with_name(f".trash-{checkpoint.name}")
+    if checkpoint.exists():
+        os.replace(checkpoint, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _step_of(path: Path) -> int | None:

@@ -1,8 +1,10 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from core import checkpoint
 from core.checkpoint import (
     EXPORT_INFO,
     LATEST,
@@ -145,6 +147,27 @@ def test_pruning_keeps_the_checkpoint_just_written_beside_an_earlier_runs_later_
     assert json.loads((tmp_path / "checkpoints" / "step-00000075" / TRAINER_STATE).read_text())["step"] == 75
     assert latest_checkpoint(tmp_path).name == "step-00000075"
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_crash_while_deleting_a_checkpoint_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    engines, root = {"actor": StubEngine()}, tmp_path / "checkpoints"
+    for step in (25, 50):
+        save_checkpoint(engines, tmp_path, step, {}, keep=0)
+    rmtree = shutil.rmtree
+
+    def crash_part_way(path, ignore_errors=False):
+        (Path(path) / "actor" / "shard.pt").unlink()  # one shard gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", crash_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._prune(root, 50, keep=1)  # deleting step 25
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    # no step-* lost a shard while keeping the trainer state that marks it complete
+    assert [p.name for p in sorted(root.glob("step-*"))] == ["step-00000050"]
+    assert (root / "step-00000050" / "actor" / "shard.pt").is_file()
+    save_checkpoint(engines, tmp_path, 75, {}, keep=1)  # the next save clears what the crash left
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000075"]
 
 
 def test_newest_export_reads_the_previous_export_left_by_a_crashed_swap(tmp_path):
