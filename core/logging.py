@@ -26,24 +26,32 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-# a key with one of these words in it (api_key, hub_token, WANDB_API_KEY, hfToken; not tokenizer)
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credentials"}
+# a key with one of these words in it (api_key, hub_token, WANDB_API_KEY, hfToken; not tokenizer), or a
+# word ending in one of the suffixes (hftoken, wandbapikey)
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "passphrase", "credential",
+                 "credentials", "auth", "bearer"}  # fmt: skip
+_SECRET_SUFFIXES = ("apikey", "token", "secret", "password", "passwd")
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # https://user:token@host -> https://***@host
 
 
-def _is_secret_key(key: Any) -> bool:
+def is_secret_key(key: Any) -> bool:
     words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key))  # camelCase -> camel_Case
-    return not _SECRET_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", words.lower()))
+    parts = re.split(r"[^a-z0-9]+", words.lower())
+    return not _SECRET_WORDS.isdisjoint(parts) or any(w.endswith(_SECRET_SUFFIXES) for w in parts)
 
 
 def redact_secrets(value: Any) -> Any:
-    """A copy of a (nested) config with the string values of secret-looking keys replaced."""
+    """A copy of a (nested) config with the string values of secret-looking keys replaced, and the
+    credentials of any URL in a string."""
     if isinstance(value, dict):
         return {
-            k: "***" if _is_secret_key(k) and isinstance(v, str) else redact_secrets(v)
+            k: "***" if is_secret_key(k) and isinstance(v, str) else redact_secrets(v)
             for k, v in value.items()
         }
     if isinstance(value, list):
         return [redact_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("***@", value)
     return value
 
 

@@ -49,6 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 from core import checkpoint, dist
 from core.checkpoint import EXPORT_INFO, atomic_write_text
 from core.deepspeed import ConfigError
+from core.logging import is_secret_key
 from core.models import TRAIN_TOKENIZER
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def compose_stage(
     A string given for a config-group package (`sft.model=gpt2`, `ppo.actor_ds=zero3`,
     `reward.experiment=quick`) selects that group's file; every other key sets a value and is
     type-checked against the stage's schema. In the PPO stage, a key of its `ppo:` section may be
-    given without the section (`ppo.kl_coef` = `ppo.ppo.kl_coef`).
+    given without the section (`ppo.kl_coef` = `ppo.ppo.kl_coef`). Secret-looking keys set by an
+    interpolation are left unresolved.
     """
     importlib.import_module(f"{stage}.config")  # registers the stage's schema
     base = hydra.compose(config_name=stage, return_hydra_config=True)
@@ -207,7 +209,13 @@ def compose_stage(
                 OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:  # a validation error: re-raise naming the pipeline key
             raise ConfigError(f"{stage}.{key}={value!r}: {e}") from e
+    # a secret-looking key set by interpolation (${oc.env:COMET_API_KEY}) stays one: the stage's config
+    # file is written from this, and the stage resolves it from the environment it inherits
+    secrets = [(k, v) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=False))
+               if is_secret_key(k.rsplit(".", 1)[-1]) and isinstance(v, str) and "${" in v]  # fmt: skip
     OmegaConf.resolve(cfg)
+    for key, interpolation in secrets:
+        OmegaConf.update(cfg, key, interpolation, merge=False)
     return cfg
 
 

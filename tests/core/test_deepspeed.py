@@ -42,6 +42,15 @@ def test_offload_and_stage_combinations_are_checked():
     assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
 
 
+def test_no_secret_in_the_deepspeed_config_it_would_log():
+    extra = {"comet": {"enabled": True, "api_key": "abc"}}
+    with pytest.raises(
+        ConfigError, match=r"deepspeed.extra.comet.api_key: DeepSpeed prints its whole config"
+    ):
+        build_config(**{**BASE, "extra": extra})
+    build_config(**{**BASE, "extra": {"comet": {"enabled": False, "project": "p", "experiment_key": "e1"}}})
+
+
 def test_extra_keys_merge_deeply_and_cpu_uses_torch_adamw():
     cfg = build_config(
         **{**BASE, "extra": {"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 5}}

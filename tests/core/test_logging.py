@@ -34,6 +34,12 @@ def test_secrets_are_redacted():
                                    "model": {"tokenizer": "gpt2", "num_key_value_heads": 4, "keyframes": "k"},
                                    "camel": {"hfToken": "***", "accessToken": "***", "apiKey": "***",
                                              "tokenizerName": "gpt2", "monkeyBars": "m"}}  # fmt: skip
+    # other words, compound words, and credentials inside a URL
+    more = {"credential": "c", "auth": "a", "bearer": "b", "ssh_passphrase": "p", "hftoken": "t", "wandbapikey": "k",
+            "author": "me", "url": "https://user:tok@example.com/x", "mirror": "https://example.com/a@b"}  # fmt: skip
+    assert redact_secrets(more) == {"credential": "***", "auth": "***", "bearer": "***", "ssh_passphrase": "***",
+                                    "hftoken": "***", "wandbapikey": "***", "author": "me",
+                                    "url": "https://***@example.com/x", "mirror": "https://example.com/a@b"}  # fmt: skip
 
 
 def test_metrics_jsonl_and_offline_wandb_run(monkeypatch, tmp_path):

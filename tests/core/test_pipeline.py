@@ -99,6 +99,17 @@ def test_compose_stage_values_groups_alias_and_typos():
             pipeline.compose_stage("ppo", {"actor_dss": {"extra": {"x": 1}}}, {}, "/d")
 
 
+def test_a_secret_given_by_interpolation_is_not_written_resolved(monkeypatch):
+    monkeypatch.setenv("RLHF_TEST_SECRET", "s3cr3t")
+    secret = {"deepspeed": {"extra": {"comet": {"api_key": "${oc.env:RLHF_TEST_SECRET}"}}}}
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = pipeline.compose_stage("sft", secret, {}, "/d")
+    written = OmegaConf.to_yaml(cfg)  # what the pipeline writes for the stage to run
+    assert "${oc.env:RLHF_TEST_SECRET}" in written and "s3cr3t" not in written
+    assert cfg.deepspeed.extra.comet.api_key == "s3cr3t"  # the stage still reads it from its environment
+    assert "data_root: /d" in written and "${" not in written.replace("${oc.env:RLHF_TEST_SECRET}", "")
+
+
 def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
     here, there = {"model": "/a/sft/export"}, {"model": "/elsewhere/sft/export"}
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
