@@ -186,7 +186,7 @@ def _prune(root: Path, step: int, keep: int) -> None:
 def _remove(checkpoint: Path) -> None:
     """Delete a checkpoint directory, renamed aside first: a crash mid-delete must not leave a `step-*`
     whose trainer state says complete while shards are gone (the next save clears the `.trash-*`)."""
-    trash = checkpoint.with_name(f".trash-{checkpoint.name}")
+    trash = checkpoint.with_name(f".trash-{checkpoint.name}-{uuid.uuid4().hex[:8]}")
     if checkpoint.exists():
         os.replace(checkpoint, trash)
         shutil.rmtree(trash, ignore_errors=True)

@@ -29,7 +29,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 
 from core import dist
 from core.config import plain
-from core.logging import is_secret_key
+from core.logging import find_secret
 from core.models import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,11 @@ def build_config(
             f"({micro_batch_size_per_device}) x grad_accum_steps ({grad_accum_steps}) x world size ({world}) "
             f"= {derived}; fix one of them or set train.global_batch_size=null"
         )
-    if secret := _secret_path(plain(extra)):
+    if secret := find_secret(plain(extra)):
         raise ConfigError(
-            f"deepspeed.extra.{secret}: DeepSpeed prints its whole config in the log at start-up, so no secret "
-            f"may go in it; give the service its key through its own environment variable (COMET_API_KEY, ...)"
+            f"deepspeed.extra.{secret}: DeepSpeed prints its whole config in the log at start-up, so no "
+            f"secret may go in it; give the service its key through its own environment variable "
+            f"(COMET_API_KEY, ...)"
         )
     precision = resolve_precision(precision)
     run_stage = effective_stage(stage, world, frozen=frozen, precision=precision,
@@ -134,22 +135,6 @@ def build_config(
         "wall_clock_breakdown": False,
     }
     return _merge(config, plain(extra))  # plain dicts all the way down: a nested key merges, not replaces
-
-
-# DeepSpeed keys that look secret and are not: Comet's id of an experiment to continue
-_NOT_SECRET = {"experiment_key"}
-
-
-def _secret_path(node: Any, prefix: str = "") -> str | None:
-    """The dotted path of the first string under a secret-looking key (api_key, token, ...) in a nested
-    dict, or None."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if isinstance(v, str) and is_secret_key(k) and k not in _NOT_SECRET:
-                return f"{prefix}{k}"
-            if found := _secret_path(v, f"{prefix}{k}."):
-                return found
-    return None
 
 
 def effective_stage(

@@ -26,18 +26,43 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-# a key with one of these words in it (api_key, hub_token, WANDB_API_KEY, hfToken; not tokenizer), or a
-# word ending in one of the suffixes (hftoken, wandbapikey)
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "passphrase", "credential",
-                 "credentials", "auth", "bearer"}  # fmt: skip
-_SECRET_SUFFIXES = ("apikey", "token", "secret", "password", "passwd")
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # https://user:token@host -> https://***@host
+# a key with one of these words in it (api_key, WANDB_API_KEY, auth), or a word ending in one of the
+# suffixes (hub_token, hfToken, hftoken, wandbapikey, db_password; not tokenizer, tokens or monkey)
+_SECRET_WORDS = {"key", "auth", "bearer"}
+_SECRET_SUFFIXES = (
+    "apikey",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "credential",
+    "credentials",
+)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")  # https://user:p@ss@host/x -> https://***@host/x
+# keys that look secret and are not: Comet's id of an experiment to continue (DeepSpeed's `comet`)
+_NOT_SECRET = {"experiment_key"}
 
 
 def is_secret_key(key: Any) -> bool:
     words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key))  # camelCase -> camel_Case
     parts = re.split(r"[^a-z0-9]+", words.lower())
     return not _SECRET_WORDS.isdisjoint(parts) or any(w.endswith(_SECRET_SUFFIXES) for w in parts)
+
+
+def find_secret(node: Any, prefix: str = "") -> str | None:
+    """The dotted path of the first string under a secret-looking key in a nested config, or None."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(v, str) and is_secret_key(k) and k not in _NOT_SECRET:
+                return f"{prefix}{k}"
+            if found := find_secret(v, f"{prefix}{k}."):
+                return found
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            if found := find_secret(v, f"{prefix}{i}."):
+                return found
+    return None
 
 
 def redact_secrets(value: Any) -> Any:

@@ -49,7 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 from core import checkpoint, dist
 from core.checkpoint import EXPORT_INFO, atomic_write_text
 from core.deepspeed import ConfigError
-from core.logging import is_secret_key
+from core.logging import find_secret
 from core.models import TRAIN_TOKENIZER
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,7 @@ def compose_stage(
     A string given for a config-group package (`sft.model=gpt2`, `ppo.actor_ds=zero3`,
     `reward.experiment=quick`) selects that group's file; every other key sets a value and is
     type-checked against the stage's schema. In the PPO stage, a key of its `ppo:` section may be
-    given without the section (`ppo.kl_coef` = `ppo.ppo.kl_coef`). Secret-looking keys set by an
-    interpolation are left unresolved.
+    given without the section (`ppo.kl_coef` = `ppo.ppo.kl_coef`). A secret-looking key is refused.
     """
     importlib.import_module(f"{stage}.config")  # registers the stage's schema
     base = hydra.compose(config_name=stage, return_hydra_config=True)
@@ -209,13 +208,12 @@ def compose_stage(
                 OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:  # a validation error: re-raise naming the pipeline key
             raise ConfigError(f"{stage}.{key}={value!r}: {e}") from e
-    # a secret-looking key set by interpolation (${oc.env:COMET_API_KEY}) stays one: the stage's config
-    # file is written from this, and the stage resolves it from the environment it inherits
-    secrets = [(k, v) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=False))
-               if is_secret_key(k.rsplit(".", 1)[-1]) and isinstance(v, str) and "${" in v]  # fmt: skip
+    if secret := find_secret(OmegaConf.to_container(cfg, resolve=False)):  # written to disk below
+        raise ConfigError(
+            f"{stage}.{secret}: no secret goes in a config, which the pipeline writes to the stage's "
+            f"directory; give it through the environment"
+        )
     OmegaConf.resolve(cfg)
-    for key, interpolation in secrets:
-        OmegaConf.update(cfg, key, interpolation, merge=False)
     return cfg
 
 
@@ -355,19 +353,24 @@ def plan_stage(stage_dir: Path, key: str, forced: bool) -> str:
 
 def remove_stage_dir(stage_dir: Path) -> None:
     """Delete a stage directory the pipeline made (its `pipeline_stage.json` at the top or in `export/`,
-    or nothing at all), renamed aside first so a crash mid-delete never leaves half a stage behind.
+    or nothing at all), renamed aside first so a crash mid-delete never leaves half a stage behind;
+    a link (a sweep's, to its keyed stage) loses only the link.
 
     Anything else is refused: a `pipeline.name` or `hydra.run.dir` pointing at a directory that holds
     other files (`hydra.run.dir=.` in the project, whose `sft/` is source code) must not lose them.
     """
+    for leftover in stage_dir.parent.glob(".*.removing-*"):  # what a crash mid-delete left
+        shutil.rmtree(leftover, ignore_errors=True)
+    if stage_dir.is_symlink():
+        stage_dir.unlink()
+        return
     made = (stage_dir / STAGE_STATE).is_file() or (stage_dir / "export" / STAGE_STATE).is_file()
     if not made and any(stage_dir.iterdir()):
         raise ConfigError(
             f"{stage_dir} exists and the pipeline did not make it (no {STAGE_STATE}): it would be replaced. "
             f"Choose another pipeline.name or hydra.run.dir, or move it away yourself"
         )
-    trash = stage_dir.with_name(f".{stage_dir.name}.removing")
-    shutil.rmtree(trash, ignore_errors=True)  # what an earlier crash left
+    trash = stage_dir.with_name(f".{stage_dir.name}.removing-{uuid.uuid4().hex[:8]}")
     stage_dir.rename(trash)
     shutil.rmtree(trash)
 
@@ -495,7 +498,7 @@ class Pipeline:
         if link.is_symlink() or link.exists():
             if link.resolve() == target.resolve():
                 return target
-            link.unlink() if link.is_symlink() else remove_stage_dir(link)
+            remove_stage_dir(link)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(target, self.run_dir))
         return target

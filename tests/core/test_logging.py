@@ -1,6 +1,6 @@
 import json
 
-from core.logging import MetricsLogger, redact_secrets, wandb_mode
+from core.logging import MetricsLogger, find_secret, redact_secrets, wandb_mode
 
 
 def test_wandb_falls_back_to_offline_without_credentials(monkeypatch, tmp_path):
@@ -35,11 +35,16 @@ def test_secrets_are_redacted():
                                    "camel": {"hfToken": "***", "accessToken": "***", "apiKey": "***",
                                              "tokenizerName": "gpt2", "monkeyBars": "m"}}  # fmt: skip
     # other words, compound words, and credentials inside a URL
-    more = {"credential": "c", "auth": "a", "bearer": "b", "ssh_passphrase": "p", "hftoken": "t", "wandbapikey": "k",
-            "author": "me", "url": "https://user:tok@example.com/x", "mirror": "https://example.com/a@b"}  # fmt: skip
-    assert redact_secrets(more) == {"credential": "***", "auth": "***", "bearer": "***", "ssh_passphrase": "***",
-                                    "hftoken": "***", "wandbapikey": "***", "author": "me",
-                                    "url": "https://***@example.com/x", "mirror": "https://example.com/a@b"}  # fmt: skip
+    more = {"credential": "c", "auth": "a", "bearer": "b", "ssh_passphrase": "p", "hftoken": "t",
+            "wandbapikey": "k", "dbcredentials": "c", "author": "me", "max_new_tokens": 8,
+            "url": "https://user:p@ss@example.com/x", "mirror": "https://example.com/a@b"}  # fmt: skip
+    assert redact_secrets(more) == {"credential": "***", "auth": "***", "bearer": "***",
+                                    "ssh_passphrase": "***", "hftoken": "***", "wandbapikey": "***",
+                                    "dbcredentials": "***",
+                                    "author": "me", "max_new_tokens": 8, "url": "https://***@example.com/x",
+                                    "mirror": "https://example.com/a@b"}  # fmt: skip
+    assert find_secret({"a": [{"b": 1}, {"hub_token": "t"}]}) == "a.1.hub_token"
+    assert find_secret({"comet": {"experiment_key": "e1"}, "model": {"num_key_value_heads": 4}}) is None
 
 
 def test_metrics_jsonl_and_offline_wandb_run(monkeypatch, tmp_path):

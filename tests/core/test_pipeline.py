@@ -99,15 +99,16 @@ def test_compose_stage_values_groups_alias_and_typos():
             pipeline.compose_stage("ppo", {"actor_dss": {"extra": {"x": 1}}}, {}, "/d")
 
 
-def test_a_secret_given_by_interpolation_is_not_written_resolved(monkeypatch):
-    monkeypatch.setenv("RLHF_TEST_SECRET", "s3cr3t")
-    secret = {"deepspeed": {"extra": {"comet": {"api_key": "${oc.env:RLHF_TEST_SECRET}"}}}}
+def test_a_secret_in_a_stage_config_is_refused_before_anything_is_written():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = pipeline.compose_stage("sft", secret, {}, "/d")
-    written = OmegaConf.to_yaml(cfg)  # what the pipeline writes for the stage to run
-    assert "${oc.env:RLHF_TEST_SECRET}" in written and "s3cr3t" not in written
-    assert cfg.deepspeed.extra.comet.api_key == "s3cr3t"  # the stage still reads it from its environment
-    assert "data_root: /d" in written and "${" not in written.replace("${oc.env:RLHF_TEST_SECRET}", "")
+        for value in ("s3cr3t", "${oc.env:COMET_API_KEY}"):  # a literal, or resolved into the written file
+            secret = {"deepspeed": {"extra": {"comet": {"api_key": value}}}}
+            with pytest.raises(
+                ConfigError, match=r"sft.deepspeed.extra.comet.api_key: no secret goes in a config"
+            ):
+                pipeline.compose_stage("sft", secret, {}, "/d")
+        # an id that only looks secret is not refused
+        pipeline.compose_stage("sft", {"deepspeed": {"extra": {"comet": {"experiment_key": "e1"}}}}, {}, "/d")
 
 
 def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
@@ -227,9 +228,15 @@ def test_only_stage_directories_the_pipeline_made_are_replaced(tmp_path):
     ours = tmp_path / "sft"
     (ours / "export").mkdir(parents=True)
     (ours / "export" / pipeline.STAGE_STATE).write_text("{}")
-    (tmp_path / ".sft.removing" / "x").mkdir(parents=True)  # what a crash mid-delete left
+    (tmp_path / ".reward-0123.removing-1a2b" / "x").mkdir(parents=True)  # what a crash mid-delete left
     pipeline.remove_stage_dir(ours)
-    assert not ours.exists() and not (tmp_path / ".sft.removing").exists()
+    assert list(tmp_path.iterdir()) == []
+    # a link (a sweep's, to its keyed stage) loses only the link
+    (tmp_path / "keyed").mkdir()
+    (tmp_path / "keyed" / "kept.txt").write_text("x")
+    (tmp_path / "ppo").symlink_to("keyed")
+    pipeline.remove_stage_dir(tmp_path / "ppo")
+    assert not (tmp_path / "ppo").is_symlink() and (tmp_path / "keyed" / "kept.txt").is_file()
     (tmp_path / "empty").mkdir()
     pipeline.remove_stage_dir(tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
