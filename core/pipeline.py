@@ -491,17 +491,21 @@ class Pipeline:
         self.group = cfg.pipeline.wandb_group or (name if run_dir.name == name else f"{name}-{run_dir.name}")
 
     def stage_dir(self, stage: str, key: str) -> Path:
-        link = self.run_dir / stage
+        """Where the stage runs: <run dir>/<stage>, or in a sweep the keyed directory its jobs share."""
         if self.shared_dir is None:
-            return link
-        target = self.shared_dir / f"{stage}-{key[:12]}"
-        if link.is_symlink() or link.exists():
-            if link.resolve() == target.resolve():
-                return target
+            return self.run_dir / stage
+        return self.shared_dir / f"{stage}-{key[:12]}"
+
+    def link_stage(self, stage: str, target: Path) -> None:
+        """In a sweep, <job dir>/<stage> becomes a link to the keyed stage directory."""
+        link = self.run_dir / stage
+        there = link.is_symlink() or link.exists()
+        if self.shared_dir is None or (there and link.resolve() == target.resolve()):
+            return
+        if there:
             remove_stage_dir(link)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(target, self.run_dir))
-        return target
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -520,6 +524,8 @@ class Pipeline:
             keys[stage] = stage_key(stage, stage_cfg, inputs, handoff, world_description(self.cfg.launcher))
             dirs[stage] = self.stage_dir(stage, keys[stage])
             plans.append((stage, stage_cfg, inputs))
+        for stage in self.stages:  # only once every stage composed: a typo in a later one changes nothing
+            self.link_stage(stage, dirs[stage])
         # 2. run, resume or skip each stage in order
         status: dict[str, dict[str, Any]] = {}
         for stage, stage_cfg, inputs in plans:

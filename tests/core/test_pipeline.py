@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
 import pytest
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
@@ -247,6 +248,19 @@ def test_only_stage_directories_the_pipeline_made_are_replaced(tmp_path):
     with pytest.raises(ConfigError, match="the pipeline did not make it"):
         pipeline.remove_stage_dir(foreign)
     assert (foreign / "train.py").read_text() == "source"
+
+
+def test_a_sweep_job_replaces_nothing_before_every_stage_is_composed(tmp_path):
+    """A sweep job links its stages to the shared keyed directories only after planning all of them:
+    a typo in the PPO stage leaves the job's earlier stage directories as they were."""
+    job = tmp_path / "job"
+    (job / "sft").mkdir(parents=True)
+    (job / "sft" / pipeline.STAGE_STATE).write_text("{}")  # a real stage dir from a run before the sweep
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra.compose("pipeline", overrides=["++ppo.train.max_stepz=1"])
+        with pytest.raises(ConfigError, match="ppo.train.max_stepz"):
+            pipeline.Pipeline(cfg, job, tmp_path / "stages").run()
+    assert (job / "sft" / pipeline.STAGE_STATE).is_file() and not (job / "sft").is_symlink()
 
 
 def test_a_pipeline_pointed_at_a_foreign_directory_stops_before_deleting_it(tmp_path):
