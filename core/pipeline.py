@@ -372,7 +372,7 @@ def remove_stage_dir(stage_dir: Path) -> None:
         )
     trash = stage_dir.with_name(f".{stage_dir.name}.removing-{uuid.uuid4().hex[:8]}")
     stage_dir.rename(trash)
-    shutil.rmtree(trash)
+    shutil.rmtree(trash, ignore_errors=True)  # a parallel sweep job may be clearing it as a leftover
 
 
 @contextlib.contextmanager

@@ -110,10 +110,12 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
     with opener(p, "rt", encoding="utf-8") as f:
         text = f.read()
     array = text.lstrip().startswith("[")
-    if array and p.name.lower().endswith((".jsonl", ".jsonl.gz")):  # a mistake about the whole file
+    name = p.name.lower()
+    if array and name.endswith((".jsonl", ".jsonl.gz")):  # a mistake about the whole file
+        stem = p.name[: name.rindex(".jsonl")]
         raise DataError(
             f"{p}: starts with '[', a JSON array? A .jsonl file holds one JSON object per line; "
-            f"name an array file {p.name.split('.jsonl')[0]}.json{'.gz' if p.name.endswith('.gz') else ''}"
+            f"name an array file {stem}.json{'.gz' if name.endswith('.gz') else ''}"
         )
     if array:  # a .json file holds one array or JSON Lines
         try:
