@@ -364,7 +364,8 @@ def remove_stage_dir(stage_dir: Path) -> None:
     if stage_dir.is_symlink():
         stage_dir.unlink()
         return
-    made = (stage_dir / STAGE_STATE).is_file() or (stage_dir / "export" / STAGE_STATE).is_file()
+    markers = (STAGE_STATE, f".{STAGE_STATE}.tmp", f"export/{STAGE_STATE}")  # the .tmp: a crash writing it
+    made = any((stage_dir / m).is_file() for m in markers)
     if not made and any(stage_dir.iterdir()):
         raise ConfigError(
             f"{stage_dir} exists and the pipeline did not make it (no {STAGE_STATE}): it would be replaced. "
@@ -446,8 +447,9 @@ def run_stage(stage: str, cfg: DictConfig, key: str, stage_dir: Path, action: st
         cfg.logger.group = cfg.logger.group or wandb_group
         cfg.logger.job_type = stage
         cfg.logger.name = cfg.logger.name or f"{wandb_group}-{stage}"
-    atomic_write_text(stage_dir / f"{STAGE_CONFIG}.yaml", OmegaConf.to_yaml(cfg))
+    # the marker first: whatever a crash leaves in this directory from here on, the pipeline made it
     atomic_write_text(stage_dir / STAGE_STATE, json.dumps({"stage": stage, "key": key, "inputs": inputs}))
+    atomic_write_text(stage_dir / f"{STAGE_CONFIG}.yaml", OmegaConf.to_yaml(cfg))
     cmd = stage_command(stage, stage_dir, launcher)
     log.info("%s: %s\n  $ %s", stage, "resuming" if action == "resume" else "running", " ".join(cmd))
     start = time.perf_counter()

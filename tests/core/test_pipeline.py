@@ -241,6 +241,10 @@ def test_only_stage_directories_the_pipeline_made_are_replaced(tmp_path):
     (tmp_path / "empty").mkdir()
     pipeline.remove_stage_dir(tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
+    (tmp_path / "cut").mkdir()  # a crash while the pipeline wrote its first file there
+    (tmp_path / "cut" / f".{pipeline.STAGE_STATE}.tmp").write_text("{")
+    pipeline.remove_stage_dir(tmp_path / "cut")
+    assert not (tmp_path / "cut").exists()
     # hydra.run.dir=. in the project: its sft/ is source code, not a stage run
     foreign = tmp_path / "reward"
     foreign.mkdir()
