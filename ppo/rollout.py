@@ -195,7 +195,7 @@ def response_logprobs(
     """
     if seqs.packed is None:
         logits = response_logits(model, seqs.ids, seqs.mask, seqs.prompt_width)  # [b, A, V]
-        ent = entropy_from_logits(logits / temperature) if entropy else None
+        ent = entropy_from_logits(logits.float() / temperature) if entropy else None  # fp32, as log-probs
         return logprobs_from_logits(logits, tokens, temperature), ent
     rows = seqs.packed
     out = model(input_ids=rows.input_ids, position_ids=rows.position_ids, output_hidden_states=True,
@@ -203,7 +203,7 @@ def response_logprobs(
     hidden = out.hidden_states[-1].flatten(0, 1)[seqs.response_positions()]  # [n, d]
     logits = models.output_logits(model, hidden)  # [n, V]
     logp = logprobs_from_logits(logits, tokens[seqs.response_mask], temperature)  # [n]
-    ent = seqs.scatter(entropy_from_logits(logits / temperature)) if entropy else None
+    ent = seqs.scatter(entropy_from_logits(logits.float() / temperature)) if entropy else None
     return seqs.scatter(logp), ent
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from core.models import positions_from_mask
 from ppo.rollout import (
     Rollout,
     Sequences,
@@ -100,6 +101,27 @@ def test_batch_scores_each_row_as_alone(pack):
             torch.testing.assert_close(
                 scores[b], sequence_scores(critic, critic.score, alone)[0], atol=1e-5, rtol=1e-5
             )
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_bf16_logits_give_log_probs_and_entropy_in_fp32_at_the_temperature(pack):
+    """A bf16 model's logits are divided by the temperature in fp32, for the entropy as for the log-probs
+    (dividing in bf16 first rounds each logit to 8 bits of mantissa: entropy off by 0.013 here)."""
+    lm, _ = _tiny_models()
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(30)  # logits up to about 10, as a trained model's
+    lm = lm.to(torch.bfloat16)
+    seqs, T = _batch(pack), 0.7
+    with torch.no_grad():
+        lp, ent = response_logprobs(lm, seqs, RESPONSES, T, entropy=True)
+        logits = lm(input_ids=seqs.ids, attention_mask=seqs.mask.long(), position_ids=positions_from_mask(seqs.mask),
+                    use_cache=False).logits[:, seqs.prompt_width - 1 : -1].float()  # fmt: skip
+    valid = seqs.response_mask
+    logp = torch.log_softmax(logits / T, -1)
+    want_ent = -(logp.exp() * logp).sum(-1)
+    want_lp = logp.gather(-1, RESPONSES[..., None]).squeeze(-1)
+    torch.testing.assert_close(ent[valid], want_ent[valid], atol=1e-4, rtol=0)
+    torch.testing.assert_close(lp[valid], want_lp[valid], atol=1e-4, rtol=0)
 
 
 def test_a_micro_batch_with_little_padding_stays_padded():
