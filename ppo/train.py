@@ -168,6 +168,14 @@ class PPORecipe:
                 f"reads the actor's tokens. Start it from the actor's checkpoint instead "
                 f"(critic.name_or_path={c.actor.name_or_path}, a new value head)"
             )
+        # the reference scores the actor's tokens: log pi_ref of other tokens' ids would mean nothing
+        # (with LoRA the reference is the actor itself, adapters off, and `ref` is not read)
+        if c.peft.type == "none" and tok(c.ref).get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                f"ref.name_or_path={c.ref.name_or_path} has a different tokenizer from the actor; the reference "
+                f"reads the actor's tokens, so it must be the actor's starting point or share its vocabulary "
+                f"(ref.name_or_path=null takes the actor's)"
+            )
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
 

@@ -67,6 +67,29 @@ def test_a_reference_or_critic_without_a_path_loads_its_sources_checkpoint_the_s
     assert (r.cfg.ref.name_or_path, r.cfg.ref.revision) == ("org/other", None)
 
 
+def test_a_critic_or_reference_with_another_vocabulary_than_the_actor_is_refused(tmp_path):
+    """Both read the actor's token ids; the reward model may differ (its text is re-tokenised)."""
+    same, other = tmp_path / "same", tmp_path / "other"
+    build_tokenizer().save_pretrained(same)
+    extended = build_tokenizer()
+    extended.add_tokens(["<extra>"])
+    extended.save_pretrained(other)
+    roles = ("actor", "critic", "ref", "reward_model")
+
+    def setup(peft="none", **tokenizers):
+        r = recipe(*(f"{role}.name_or_path={same}" for role in roles), f"peft={peft}",
+                   *(f"{role}.tokenizer={tokenizers.get(role, same)}" for role in roles))  # fmt: skip
+        r._setup_tokenizers()
+        return r
+
+    assert setup(reward_model=other).rm_shares_tokens is False
+    with pytest.raises(ConfigError, match="critic.name_or_path=.* has a different tokenizer from the actor"):
+        setup(critic=other)
+    with pytest.raises(ConfigError, match="ref.name_or_path=.* has a different tokenizer from the actor"):
+        setup(ref=other)
+    setup(peft="lora", ref=other)  # the reference is the actor with its adapters off: `ref` is not read
+
+
 def test_long_prompts_are_cut_from_the_left_keeping_the_bos_and_the_generation_cue():
     r = recipe("data.max_len=8")
     # the built-in tokenizer adds a BOS, as Llama's does
