@@ -27,7 +27,7 @@ class ModelConfig:
     tokenizer: str | None = MISSING
     train_tokenizer_vocab: int = MISSING
     # Config kwargs (incl. `model_type`) used only when name_or_path is null.
-    arch: dict[str, Any] = field(default_factory=dict)
+    arch: dict[str, Any] = MISSING
     attn_implementation: str | None = MISSING
     gradient_checkpointing: bool = MISSING
     trust_remote_code: bool = MISSING
@@ -69,7 +69,7 @@ class DataConfig:
     # A file, a list of files, a `datasets` hub name, or "builtin".
     path: Any = MISSING
     format: str | None = MISSING
-    eval_path: Any = None
+    eval_path: Any = MISSING
     eval_fraction: float = MISSING
     split: str = MISSING
     max_len: int = MISSING
@@ -81,7 +81,7 @@ class DataConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
     # Only for format=imdb (conf/data/imdb.yaml).
-    imdb: ImdbTaskConfig | None = None
+    imdb: ImdbTaskConfig | None = MISSING
 
 
 @dataclass
@@ -90,19 +90,19 @@ class DeepSpeedConfig:
     offload_optimizer: bool = MISSING
     offload_param: bool = MISSING
     # Raw DeepSpeed config keys merged last, for anything this schema does not name.
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = MISSING
 
 
 @dataclass
 class PeftConfig:
     # none | lora
     type: str = MISSING
-    r: int = 0
-    alpha: int = 0
-    dropout: float = 0.0
-    target_modules: Any = None
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: Any = MISSING
     # Also export the base model with the adapters merged in.
-    merge_on_export: bool = False
+    merge_on_export: bool = MISSING
 
 
 @dataclass
@@ -128,7 +128,7 @@ class LoggerConfig:
     # auto: online with credentials and network, else offline with a notice
     mode: str = MISSING
     job_type: str | None = MISSING
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = MISSING
 
 
 @dataclass

@@ -98,10 +98,10 @@ def actor_loss(
     surrogate: torch.Tensor,
     mask: torch.Tensor,
     num_tokens: float,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    kl: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
+    entropy: torch.Tensor | None,
+    entropy_coef: float,
+    kl: torch.Tensor | None,
+    kl_coef: float,
 ) -> torch.Tensor:
     """The actor's objective, a scalar to minimise (without PPO-ptx, which the caller adds):
 

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-import sft.config  # noqa: F401  (registers sft_schema)
+import sft.config  # registers sft_schema
 from core import dist
 from tests.conftest import ROOT, run_stage
 
@@ -77,3 +77,52 @@ def test_yaml_has_a_comment_above_every_train_key():
             continue
         prev = lines[i - 1].strip()
         assert prev.startswith("#"), f"no comment directly above: {line}"
+
+
+def _uncommented_keys(path: Path) -> list[str]:
+    """Keys holding a value whose line has no comment directly above it (the `defaults` list and
+    Hydra's own `hydra:` settings aside)."""
+    lines, missing, skip = path.read_text().splitlines(), [], False
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace() and not line.startswith("#"):
+            skip = line.startswith(("defaults:", "hydra:"))
+        key, colon, value = line.partition(":")
+        if skip or not colon or not key.strip() or key.strip().startswith(("#", "-")) or not value.strip():
+            continue
+        if not (i and lines[i - 1].strip().startswith("#")):
+            missing.append(f"{path.relative_to(ROOT)}:{i + 1}: {line.strip()}")
+    return missing
+
+
+def test_every_knob_has_a_comment_directly_above_it():
+    """The stage files and the files that hold each group's values: one comment above every key."""
+    conf = Path(CONF)
+    files = [*conf.glob("*.yaml"), *conf.glob("*/base.yaml"), conf / "optim" / "adamw.yaml"]
+    assert len(files) >= 10  # 4 stage files, 5 group bases, adamw
+    assert [m for f in sorted(files) for m in _uncommented_keys(f)] == []
+
+
+def test_the_schemas_hold_types_only():
+    """One default in one place: every value lives in conf/, so no schema field has a default of its own
+    (a schema default would silently apply where a group file leaves the key out)."""
+    import dataclasses
+
+    import ppo.config
+    import reward.config
+
+    seen, todo, defaults = set(), [sft.config.SFTConfig, reward.config.RewardConfig, ppo.config.PPOConfig], []
+    while todo:
+        schema = todo.pop()
+        if schema in seen:
+            continue
+        seen.add(schema)
+        for f in dataclasses.fields(schema):
+            if f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+                if dataclasses.is_dataclass(value):
+                    todo.append(type(value))
+                    continue
+                defaults.append(f"{schema.__name__}.{f.name} = {value!r}")
+            elif f.default != "???":
+                defaults.append(f"{schema.__name__}.{f.name} = {f.default!r}")
+    assert len(seen) >= 15 and defaults == []

@@ -98,11 +98,11 @@ def test_actor_loss_by_hand():
     mask = torch.tensor([[True, True, False]])
     entropy = torch.tensor([[1.0, 2.0, 100.0]])
     kl = torch.tensor([[0.2, 0.4, 100.0]])
-    assert actor_loss(surrogate, mask, 2.0).item() == 0.5
+    assert actor_loss(surrogate, mask, 2.0, None, 0.0, None, 0.0).item() == 0.5
     # the entropy bonus is subtracted: 0.5 - 0.1 x (1 + 2) / 2; the masked token counts for nothing
-    assert actor_loss(surrogate, mask, 2.0, entropy, 0.1).item() == pytest.approx(0.35)
+    assert actor_loss(surrogate, mask, 2.0, entropy, 0.1, None, 0.0).item() == pytest.approx(0.35)
     # KL as a loss is added with its coefficient: 0.5 + 0.5 x (0.2 + 0.4) / 2
-    assert actor_loss(surrogate, mask, 2.0, kl=kl, kl_coef=0.5).item() == pytest.approx(0.65)
+    assert actor_loss(surrogate, mask, 2.0, None, 0.0, kl, 0.5).item() == pytest.approx(0.65)
     assert actor_loss(surrogate, mask, 2.0, entropy, 0.1, kl, 0.5).item() == pytest.approx(0.5)
     assert actor_loss(surrogate, mask, 2.0, entropy, 0.0, None, 0.5).item() == 0.5  # both off
 
