@@ -55,19 +55,21 @@ def build_config(
     eps: float,
     weight_decay: float,
     frozen: bool = False,
+    group: str = "deepspeed",
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for one training engine, or for a `frozen` model (`inference_engine`).
 
     The global batch is derived (micro x accumulation x world size) and, when
-    `global_batch_size` is given, checked against it.
+    `global_batch_size` is given, checked against it. `group` names the config group in errors
+    (PPO's `actor_ds`, `critic_ds`, `frozen_ds`).
     """
     _init_comm()
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {stage}")
+        raise ConfigError(f"{group}.stage must be 0, 1, 2 or 3, got {stage}")
     if offload_param and stage != 3:
-        raise ConfigError("deepspeed.offload_param needs ZeRO stage 3")
+        raise ConfigError(f"{group}.offload_param needs ZeRO stage 3")
     if offload_optimizer and stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3")
+        raise ConfigError(f"{group}.offload_optimizer needs ZeRO stage 1, 2 or 3")
     if micro_batch_size_per_device < 1 or grad_accum_steps < 1:
         raise ConfigError("train.micro_batch_size_per_device and train.grad_accum_steps must be >= 1")
     world = dist.world_size()
@@ -80,7 +82,7 @@ def build_config(
         )
     if secret := find_secret(plain(extra)):
         raise ConfigError(
-            f"deepspeed.extra.{secret}: DeepSpeed prints its whole config in the log at start-up, so no "
+            f"{group}.extra.{secret}: DeepSpeed prints its whole config in the log at start-up, so no "
             f"secret may go in it; give the service its key through its own environment variable "
             f"(COMET_API_KEY, ...)"
         )
@@ -174,6 +176,7 @@ def config_from_groups(zero, train, optim) -> dict[str, Any]:
         extra=plain(zero.extra), micro_batch_size_per_device=train.micro_batch_size_per_device,
         grad_accum_steps=train.grad_accum_steps, global_batch_size=train.global_batch_size, precision=train.precision,
         grad_clip=optim.grad_clip, lr=optim.lr, betas=list(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+        group=zero._key(),
     )  # fmt: skip
 
 

@@ -237,7 +237,7 @@ class PPORecipe:
             stage=c.frozen_ds.stage, offload_optimizer=False, offload_param=c.frozen_ds.offload_param,
             extra=c.frozen_ds.extra, micro_batch_size_per_device=c.rollout.micro_batch_size_per_device,
             grad_accum_steps=1, global_batch_size=None, precision=t.precision, grad_clip=0.0, lr=0.0,
-            betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, frozen=True,
+            betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, frozen=True, group="frozen_ds",
         )  # fmt: skip
 
         def engine(model, config, optim):

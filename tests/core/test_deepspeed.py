@@ -42,6 +42,24 @@ def test_offload_and_stage_combinations_are_checked():
     assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
 
 
+def test_errors_name_the_group_the_user_sets():
+    """PPO's engines take their ZeRO settings from actor_ds / critic_ds / frozen_ds, not `deepspeed`."""
+    from hydra import compose, initialize_config_dir
+
+    import ppo.config  # noqa: F401  (registers ppo_schema)
+    from core.deepspeed import config_from_groups
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("ppo", overrides=["actor_ds.stage=4", "critic_ds.offload_param=true"])
+    with pytest.raises(ConfigError, match=r"^actor_ds.stage must be 0, 1, 2 or 3, got 4"):
+        config_from_groups(cfg.actor_ds, cfg.train, cfg.actor_optim)
+    with pytest.raises(ConfigError, match=r"^critic_ds.offload_param needs ZeRO stage 3"):
+        config_from_groups(cfg.critic_ds, cfg.train, cfg.critic_optim)
+    with pytest.raises(ConfigError, match=r"^deepspeed.stage must be"):
+        build_config(**{**BASE, "stage": 4})
+
+
 def test_no_secret_in_the_deepspeed_config_it_would_log():
     extra = {"comet": {"enabled": True, "api_key": "abc"}}
     with pytest.raises(
