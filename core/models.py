@@ -7,8 +7,10 @@ as safetensors.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -161,6 +163,10 @@ def load_model(
         config.bos_token_id = tokenizer.bos_token_id
         config.num_labels = kwargs.pop("num_labels", config.num_labels)
         model = auto_class.from_config(config, **kwargs)
+    elif is_adapter_export(name_or_path):  # a LoRA run's export: its adapters merged into their base
+        with merged_adapter_export(name_or_path, trust_remote_code) as merged:
+            return load_model(str(merged), {}, tokenizer, precision, head=head, trust_remote_code=trust_remote_code,
+                              attn_implementation=attn_implementation)  # fmt: skip
     else:
         try:  # safetensors only: a pickled `pytorch_model.bin` is never unpickled
             with _no_safetensors_conversion():
@@ -182,6 +188,56 @@ def load_model(
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_export(path: str) -> bool:
+    """A local peft adapter directory without a model of its own: a LoRA run's `export/`."""
+    return Path(path, ADAPTER_CONFIG).is_file() and not Path(path, "config.json").is_file()
+
+
+@contextlib.contextmanager
+def merged_adapter_export(path: str, trust_remote_code: bool) -> Iterator[Path]:
+    """A LoRA export (`core.checkpoint.export_model`) as a full model: its `merged/` copy when the run
+    wrote one (`peft.merge_on_export`), else its adapters merged into their base (the export's `base/`
+    when the base was built from a config, else the adapter's `base_model_name_or_path`) by peft, in a
+    temporary directory that lasts while the caller loads from it. So the next stage starts from the
+    policy the LoRA run trained, ZeRO-3 or not (the merge runs on a plain CPU copy)."""
+    from core import deepspeed as ds  # core.deepspeed imports this module
+
+    root = Path(path)
+    if (root / "merged" / "config.json").is_file():
+        yield root / "merged"
+        return
+    if not (root / "adapter_model.safetensors").is_file():
+        raise ModelError(
+            f"{path}: a peft adapter without adapter_model.safetensors (only safetensors are loaded)"
+        )
+    adapter = json.loads((root / ADAPTER_CONFIG).read_text())
+    base = (
+        root / "base" if (root / "base" / "config.json").is_file() else adapter.get("base_model_name_or_path")
+    )
+    if not base:
+        raise ModelError(f"{path}: a LoRA adapter that names no base model and has no base/ beside it")
+    head = (
+        AutoModelForSequenceClassification if adapter.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
+    )
+    with tempfile.TemporaryDirectory(prefix="rlhf-merged-") as tmp:
+        with ds.zero3_init_disabled():
+            try:
+                with _no_safetensors_conversion():
+                    model = head.from_pretrained(
+                        str(base), use_safetensors=True, trust_remote_code=trust_remote_code
+                    )
+            except OSError as e:
+                raise ModelError(f"{path}: cannot load the LoRA adapter's base {str(base)!r}: {e}") from None
+            model = PeftModel.from_pretrained(model, str(root)).merge_and_unload()  # its .safetensors (above)
+            model.save_pretrained(tmp)
+            del model
+        log.info("%s: LoRA adapters merged into their base (%s)", path, base)
+        yield Path(tmp)
 
 
 @contextlib.contextmanager

@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -7,6 +8,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from core.models import (
     PAD_TOKEN,
     ModelError,
+    add_lora,
     load_model,
     load_tokenizer,
     prepacked_linears,
@@ -215,3 +217,34 @@ def test_weights_load_from_safetensors_only(tmp_path):
             load_model("org/not-here", {}, tok, "fp32")
     assert seen == ["1"] and os.environ.get("DISABLE_SAFETENSORS_CONVERSION") == before  # restored
     assert "safetensors" not in str(err.value) and "no such repo" in str(err.value)
+
+
+def test_a_lora_export_loads_as_its_adapters_merged_into_the_base(tmp_path):
+    """The layout `export_model` writes for a LoRA run (adapter + tokenizer, base/ when the base was built
+    from a config) loads as the model that run trained, for the next stage (PPO from a LoRA SFT export)."""
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2}  # fmt: skip
+    torch.manual_seed(0)
+    lora = add_lora(load_model(None, arch, tok, "fp32"), r=4, alpha=8, dropout=0.0, target_modules="all-linear",
+                    task_type="CAUSAL_LM")  # fmt: skip
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # trained adapters: not the identity
+    export = tmp_path / "export"
+    lora.save_pretrained(export)
+    tok.save_pretrained(export)
+    copy.deepcopy(lora).unload().save_pretrained(export / "base")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+        base = copy.deepcopy(lora).unload()(input_ids=ids).logits
+        got = load_model(str(export), {}, tok, "fp32")(input_ids=ids).logits
+        critic = load_model(str(export), {}, tok, "fp32", head="score")  # a critic from a LoRA SFT export
+    assert (want - base).abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert type(critic).__name__ == "LlamaForSequenceClassification"
+    (export / "adapter_model.safetensors").rename(export / "adapter_model.bin")
+    with pytest.raises(ModelError, match="a peft adapter without adapter_model.safetensors"):
+        load_model(str(export), {}, tok, "fp32")
