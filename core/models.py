@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -125,6 +126,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 HEADS = {"lm": AutoModelForCausalLM, "score": AutoModelForSequenceClassification}
+MAPPINGS = {"lm": MODEL_FOR_CAUSAL_LM_MAPPING, "score": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING}
 
 
 def load_model(
@@ -164,9 +166,20 @@ def load_model(
         config.num_labels = kwargs.pop("num_labels", config.num_labels)
         model = auto_class.from_config(config, **kwargs)
     elif is_adapter_export(name_or_path):  # a LoRA run's export: its adapters merged into their base
-        with merged_adapter_export(name_or_path, trust_remote_code) as merged:
+        merged = merged_adapter_export(name_or_path, trust_remote_code)
+        if isinstance(merged, Path):  # the run wrote its merged copy
             return load_model(str(merged), {}, tokenizer, precision, head=head, trust_remote_code=trust_remote_code,
                               attn_implementation=attn_implementation)  # fmt: skip
+        config, state = merged
+        config.num_labels = kwargs.pop("num_labels", config.num_labels)
+        # the model class itself: an Auto class takes no state dict without a path (transformers 5.24); built
+        # whole, as transformers' ZeRO-3 loading takes no state dict either: ZeRO-3 partitions it in its engine
+        from core import deepspeed as ds  # core.deepspeed imports this module
+
+        with ds.zero3_init_disabled():
+            model = MAPPINGS[head][type(config)].from_pretrained(
+                None, config=config, state_dict=state, **kwargs
+            )
     else:
         try:  # safetensors only: a pickled `pytorch_model.bin` is never unpickled
             with _no_safetensors_conversion():
@@ -198,19 +211,17 @@ def is_adapter_export(path: str) -> bool:
     return Path(path, ADAPTER_CONFIG).is_file() and not Path(path, "config.json").is_file()
 
 
-@contextlib.contextmanager
-def merged_adapter_export(path: str, trust_remote_code: bool) -> Iterator[Path]:
+def merged_adapter_export(path: str, trust_remote_code: bool) -> Path | tuple[Any, dict[str, torch.Tensor]]:
     """A LoRA export (`core.checkpoint.export_model`) as a full model: its `merged/` copy when the run
-    wrote one (`peft.merge_on_export`), else its adapters merged into their base (the export's `base/`
-    when the base was built from a config, else the adapter's `base_model_name_or_path`) by peft, in a
-    temporary directory that lasts while the caller loads from it. So the next stage starts from the
-    policy the LoRA run trained, ZeRO-3 or not (the merge runs on a plain CPU copy)."""
+    wrote one (`peft.merge_on_export`), else (config, state dict) of its adapters merged by peft into
+    their base (the export's `base/` when the base was built from a config, else the adapter's
+    `base_model_name_or_path`). The merge runs on a plain CPU copy on every rank (ZeRO-3 or not), and the
+    next stage starts from the policy LoRA trained."""
     from core import deepspeed as ds  # core.deepspeed imports this module
 
     root = Path(path)
     if (root / "merged" / "config.json").is_file():
-        yield root / "merged"
-        return
+        return root / "merged"
     if not (root / "adapter_model.safetensors").is_file():
         raise ModelError(
             f"{path}: a peft adapter without adapter_model.safetensors (only safetensors are loaded)"
@@ -224,20 +235,17 @@ def merged_adapter_export(path: str, trust_remote_code: bool) -> Iterator[Path]:
     head = (
         AutoModelForSequenceClassification if adapter.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
     )
-    with tempfile.TemporaryDirectory(prefix="rlhf-merged-") as tmp:
-        with ds.zero3_init_disabled():
-            try:
-                with _no_safetensors_conversion():
-                    model = head.from_pretrained(
-                        str(base), use_safetensors=True, trust_remote_code=trust_remote_code
-                    )
-            except OSError as e:
-                raise ModelError(f"{path}: cannot load the LoRA adapter's base {str(base)!r}: {e}") from None
-            model = PeftModel.from_pretrained(model, str(root)).merge_and_unload()  # its .safetensors (above)
-            model.save_pretrained(tmp)
-            del model
-        log.info("%s: LoRA adapters merged into their base (%s)", path, base)
-        yield Path(tmp)
+    with ds.zero3_init_disabled():
+        try:
+            with _no_safetensors_conversion():
+                model = head.from_pretrained(
+                    str(base), use_safetensors=True, trust_remote_code=trust_remote_code
+                )
+        except OSError as e:
+            raise ModelError(f"{path}: cannot load the LoRA adapter's base {str(base)!r}: {e}") from None
+        model = PeftModel.from_pretrained(model, str(root)).merge_and_unload()  # its .safetensors (above)
+    log.info("%s: LoRA adapters merged into their base (%s)", path, base)
+    return model.config, model.state_dict()
 
 
 @contextlib.contextmanager
