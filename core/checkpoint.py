@@ -393,6 +393,25 @@ def newest_export(runs_dir: str | Path, stage: str) -> Path | None:
     return found[-1].parent if found else None
 
 
+def model_reference(name_or_path: str, export_dir: Path) -> dict[str, str]:
+    """How an export records a model it came from (`export_info.json`): a local directory absolute
+    (`path`, for a command run from anywhere) and relative to the export (`from_export`, for a tree
+    moved or copied whole); a hub id as it is."""
+    if not Path(name_or_path).exists():
+        return {"path": name_or_path}
+    local = Path(name_or_path).resolve()
+    return {"path": str(local), "from_export": os.path.relpath(local, export_dir.resolve())}
+
+
+def resolve_reference(recorded: str | dict[str, str], export_dir: Path) -> str:
+    """The model an export's `export_info.json` records (`model_reference`): beside the export where the
+    tree moved with it, else where it was (older exports recorded the path as it was given)."""
+    if isinstance(recorded, str):
+        return recorded
+    moved = Path(export_dir, recorded["from_export"]) if "from_export" in recorded else None
+    return str(moved.resolve()) if moved is not None and moved.exists() else recorded["path"]
+
+
 def export_model(
     engine,
     tokenizer,
@@ -414,6 +433,10 @@ def export_model(
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model = _cpu_copy(engine.module, state)
+        if isinstance(model, PeftModel) and model.peft_config["default"].base_model_name_or_path:
+            # a base given as a relative local path would be read from the loader's working directory
+            base = model.peft_config["default"].base_model_name_or_path
+            model.peft_config["default"].base_model_name_or_path = model_reference(base, out_dir)["path"]
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if isinstance(model, PeftModel):

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core import models
-from core.checkpoint import EXPORT_INFO
+from core.checkpoint import EXPORT_INFO, resolve_reference
 from data import imdb
 from data.builtin import task
 from data.formats import Message, load_prompts, opening, split_train_eval
@@ -328,7 +328,7 @@ def cli(argv: list[str]) -> None:
     if not (args.policy / EXPORT_INFO).is_file():
         raise SystemExit(f"rlhf evaluate: {args.policy} is not an export (no {EXPORT_INFO})")
     info = json.loads((args.policy / EXPORT_INFO).read_text())
-    baseline = args.baseline or info.get("ref")
+    baseline = args.baseline or (resolve_reference(info["ref"], args.policy) if info.get("ref") else None)
     if baseline is None:
         raise SystemExit(f"rlhf evaluate: {args.policy} does not name its reference; give --baseline DIR")
     settings = settings_from(_run_config(args.policy), args.judge)

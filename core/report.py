@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from core.checkpoint import EXPORT_INFO, atomic_write_text  # noqa: E402
+from core.checkpoint import EXPORT_INFO, atomic_write_text, resolve_reference  # noqa: E402
 from core.logging import METRICS_FILE  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,9 @@ def _evaluate(
     baseline = (
         str(stage_dirs["sft"] / "export")
         if "sft" in stage_dirs
-        else json.loads((ppo_dir / "export" / EXPORT_INFO).read_text())["ref"]
+        else resolve_reference(
+            json.loads((ppo_dir / "export" / EXPORT_INFO).read_text())["ref"], ppo_dir / "export"
+        )
     )
     result = evaluate.compare(
         ppo_dir / "export", baseline, baseline,

@@ -708,7 +708,7 @@ class PPORecipe:
             "stage": "ppo",
             "step": self.step,
             "peft": self.cfg.peft.type,
-            "ref": self.cfg.ref.name_or_path,
+            "ref": checkpoint.model_reference(self.cfg.ref.name_or_path, self.run_dir / "export"),
         }
         merge = self.cfg.peft.merge_on_export
         checkpoint.export_model(

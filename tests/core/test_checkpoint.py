@@ -258,3 +258,24 @@ def test_fsync_tree_skips_a_file_another_rank_renamed_away(tmp_path, monkeypatch
     monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     checkpoint.fsync_tree(tmp_path)
     assert len(synced) == 2  # the file that is there, and the directory
+
+
+def test_an_export_finds_its_reference_from_any_directory_and_after_the_tree_moves(tmp_path, monkeypatch):
+    from core.checkpoint import model_reference, resolve_reference
+
+    tree = tmp_path / "outputs"
+    (tree / "sft" / "a" / "export").mkdir(parents=True)
+    (tree / "ppo" / "b" / "export").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    recorded = model_reference(
+        "outputs/sft/a/export", tree / "ppo" / "b" / "export"
+    )  # as newest_export gives it
+    assert recorded == {"path": str(tree / "sft" / "a" / "export"), "from_export": "../../../sft/a/export"}
+    monkeypatch.chdir(tmp_path / "outputs")  # another working directory
+    assert resolve_reference(recorded, tree / "ppo" / "b" / "export") == str(tree / "sft" / "a" / "export")
+    tree.rename(tmp_path / "moved")  # the whole tree moved: the reference moved with it
+    moved = tmp_path / "moved"
+    assert resolve_reference(recorded, moved / "ppo" / "b" / "export") == str(moved / "sft" / "a" / "export")
+    # a hub id, and exports written before references were recorded this way, stay as they are
+    assert model_reference("org/model", moved) == {"path": "org/model"}
+    assert resolve_reference("outputs/sft/a/export", moved) == "outputs/sft/a/export"

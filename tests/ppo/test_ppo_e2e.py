@@ -4,11 +4,13 @@ The SFT and reward exports PPO starts from are trained once per module (about a 
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +92,9 @@ def test_missing_exports_name_the_command_to_run_first(tmp_path):
 
 def test_lora_actor_uses_its_disabled_adapters_as_the_reference(exports, tmp_path):
     run = tmp_path / "lora"
-    run_stage("ppo", *ppo_args(exports, run, "peft=lora", "peft.r=4", "train.max_steps=3", "train.eval_every=0",
+    # the exports as a path relative to the working directory (the project root), as `runs_dir=outputs` is
+    relative = os.path.relpath(exports, ROOT)
+    run_stage("ppo", *ppo_args(relative, run, "peft=lora", "peft.r=4", "train.max_steps=3", "train.eval_every=0",
                                "actor_optim.lr=1e-3"))  # fmt: skip
     rows = read_metrics(run)
     assert not any(k.startswith("zero/ref_") for k in rows[0])  # no reference model was built
@@ -98,6 +102,10 @@ def test_lora_actor_uses_its_disabled_adapters_as_the_reference(exports, tmp_pat
     # LoRA starts as the identity (B = 0): the first rollout's policy is the reference exactly
     assert abs(kl[0]) < 1e-4 and abs(kl[-1]) > 1e-3, kl
     assert (run / "export" / "adapter_model.safetensors").is_file()
+    # the adapter names its base, and the export its reference, so that they load from any directory
+    base = json.loads((run / "export" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    ref = json.loads((run / "export" / "export_info.json").read_text())["ref"]
+    assert Path(base).is_absolute() and Path(base, "config.json").is_file() and ref["path"] == base
 
 
 def test_killed_run_resumes_to_the_same_result(exports, tmp_path):
