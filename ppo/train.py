@@ -114,7 +114,8 @@ class PPORecipe:
                              "data/eval_prompts": len(self.eval_prompts), **shares}, step=0)  # fmt: skip
 
     def _check_choices(self) -> None:
-        """Fail before loading anything on a misspelt choice (a typo must not silently turn the KL off)."""
+        """Fail before loading anything on a misspelt choice (a typo must not silently turn the KL off) or a
+        value out of range (an EMA decay of 1.5 would diverge; a zero batch would fail deep inside)."""
         p = self.cfg.ppo
         for key, value, allowed in (("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS),
                                     ("ppo.kl_in", p.kl_in, ("reward", "loss")),
@@ -128,10 +129,29 @@ class PPORecipe:
                 "the reference (it only lowers the sampled tokens' log-probs), so it would not hold the policy "
                 "near it. k2's gradient is that of KL(pi || pi_ref); k3 is GRPO's choice"
             )
-        if p.epochs < 1:
-            raise ConfigError(f"ppo.epochs must be at least 1; got {p.epochs}")
-        if (k := self.cfg.rollout.samples_per_prompt) < 1:
-            raise ConfigError(f"rollout.samples_per_prompt must be at least 1; got {k}")
+        c, r = self.cfg, self.cfg.rollout
+        minimum = {"ppo.epochs": p.epochs, "rollout.samples_per_prompt": r.samples_per_prompt,
+                   "rollout.batch_size": r.batch_size, "rollout.max_new_tokens": r.max_new_tokens,
+                   "rollout.micro_batch_size_per_device": r.micro_batch_size_per_device,
+                   "train.max_steps": c.train.max_steps}  # fmt: skip
+        for key, value in minimum.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be at least 1; got {value}")
+        if r.min_new_tokens < 0:
+            raise ConfigError(f"rollout.min_new_tokens must not be negative; got {r.min_new_tokens}")
+        if r.min_new_tokens > r.max_new_tokens:
+            raise ConfigError(
+                f"rollout.min_new_tokens={r.min_new_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}"
+            )
+        if not r.temperature > 0:
+            raise ConfigError(
+                f"rollout.temperature must be above 0 (PPO samples the policy); got {r.temperature}"
+            )
+        if p.ema_decay is not None and not 0 <= p.ema_decay < 1:
+            raise ConfigError(f"ppo.ema_decay must be in [0, 1) or null; got {p.ema_decay}")
+        for key in ("actor_optim", "critic_optim"):
+            if (lr := c[key].lr) < 0:
+                raise ConfigError(f"{key}.lr must not be negative; got {lr}")
 
     def _resolve_paths(self) -> None:
         """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""

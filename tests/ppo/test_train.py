@@ -50,6 +50,16 @@ def test_misspelt_choices_and_zero_epochs_are_refused():
         recipe("ppo.kl_estimator=k4")._check_choices()
     with pytest.raises(ConfigError, match="ppo.epochs must be at least 1; got 0"):
         recipe("ppo.epochs=0")._check_choices()
+    for override, message in (("rollout.batch_size=0", "rollout.batch_size must be at least 1; got 0"),
+                              ("train.max_steps=-1", "train.max_steps must be at least 1; got -1"),
+                              ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be at least 1; got 0"),
+                              ("rollout.min_new_tokens=40", "min_new_tokens=40 exceeds rollout.max_new_tokens=32"),
+                              ("rollout.temperature=0", "rollout.temperature must be above 0"),
+                              ("ppo.ema_decay=1.5", r"ppo.ema_decay must be in \[0, 1\) or null; got 1.5"),
+                              ("actor_optim.lr=-1", "actor_optim.lr must not be negative; got -1.0")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            recipe(override)._check_choices()
+    recipe("ppo.ema_decay=0.99", "rollout.min_new_tokens=32")._check_choices()
 
 
 def test_a_reference_or_critic_without_a_path_loads_its_sources_checkpoint_the_same_way():
