@@ -32,7 +32,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from core import deepspeed as ds
-from core import dist
+from core import dist, models
 
 log = logging.getLogger(__name__)
 
@@ -440,8 +440,10 @@ def export_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if isinstance(model, PeftModel):
-            if not model.peft_config["default"].base_model_name_or_path:
-                # the adapter needs its base, and a base built from a config exists nowhere else
+            base = model.peft_config["default"].base_model_name_or_path
+            if not base or models.is_adapter_export(base):
+                # the adapter needs its base, and a base built from a config exists nowhere else; nor does
+                # one that was itself a LoRA export merged on loading (`models.merged_adapter_export`)
                 _save_plain(copy.deepcopy(model).unload(), tokenizer, tmp / "base")
             if merge_lora:
                 _save_plain(copy.deepcopy(model).merge_and_unload(), tokenizer, tmp / "merged")

@@ -180,6 +180,7 @@ def load_model(
             model = MAPPINGS[head][type(config)].from_pretrained(
                 None, config=config, state_dict=state, **kwargs
             )
+        model.config._name_or_path = name_or_path  # where it came from (a LoRA actor's adapter names it)
     else:
         try:  # safetensors only: a pickled `pytorch_model.bin` is never unpickled
             with _no_safetensors_conversion():
