@@ -2,7 +2,9 @@
 
 Types live here; values live in the YAML files under `conf/` (one default in one place).
 Fields without a value are `MISSING`, so a group file that forgets one fails loudly, and an
-override with a typo or a wrong type fails in Hydra before any model is loaded.
+override with a typo or a wrong type fails in Hydra before any model is loaded. A value of the right
+type but out of range (`train.max_steps=0`, `optim.betas=[0.9, 1.5]`) fails in `check_values`, which
+every stage calls first in its setup and the pipeline calls for each stage at planning.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A setting a user can fix: the message names the key and what it takes."""
+
 
 # ${project_dir:} in a config: this checkout's root, for files shipped with the project
 # (e.g. data/story_openings.jsonl) whatever directory a command runs from.
@@ -172,3 +179,79 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOGGER_BACKENDS = ("wandb", "tensorboard", "none")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_at_least(minimum: int, values: dict[str, int | float]) -> None:
+    for key, value in values.items():
+        if value < minimum:
+            raise ConfigError(f"{key} must be at least {minimum}; got {value}")
+
+
+def check_in(key: str, value: float | None, low: float, high: float, *, high_open: bool = True) -> None:
+    """low <= value < high (or <= high); None passes (the keys where null means off)."""
+    if value is not None and not (low <= value < high if high_open else low <= value <= high):
+        raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}; got {value}")
+
+
+def check_zero(group: str, stage: int, offload_optimizer: bool, offload_param: bool) -> None:
+    """A deepspeed group's ZeRO stage and the offloads it allows (`group` as the user sets it)."""
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{group}.stage must be 0, 1, 2 or 3, got {stage}")
+    if offload_param and stage != 3:
+        raise ConfigError(f"{group}.offload_param needs ZeRO stage 3")
+    if offload_optimizer and stage == 0:
+        raise ConfigError(f"{group}.offload_optimizer needs ZeRO stage 1, 2 or 3")
+
+
+def check_values(
+    cfg: Any, *, optim: tuple[str, ...] = ("optim",), zero: tuple[str, ...] = ("deepspeed",)
+) -> None:
+    """Range and choice checks of the shared groups (train, data, peft, logger, and the optimizer and
+    deepspeed groups named), before anything is loaded: a value a run would otherwise take silently
+    (`optim.betas=[0.9, 1.5]`, a negative weight decay) or fail on deep inside, after minutes of work.
+    Raises ConfigError naming the key."""
+    t, d, p = cfg.train, cfg.data, cfg.peft
+    check_at_least(1, {"train.max_steps": t.max_steps, "train.micro_batch_size_per_device": t.micro_batch_size_per_device,
+                       "train.grad_accum_steps": t.grad_accum_steps, "data.max_len": d.max_len})  # fmt: skip
+    check_at_least(0, {f"train.{k}": t[k] for k in ("log_every", "eval_every", "eval_batches", "num_samples",
+                                                    "sample_max_new_tokens", "save_every")})  # fmt: skip
+    check_choice("train.precision", t.precision, PRECISIONS)
+    check_choice("data.loss_on", d.loss_on, ("responses", "all"))
+    check_choice("data.on_error", d.on_error, ("raise", "skip"))
+    if d.eval_path is None and not 0 < d.eval_fraction < 1:
+        raise ConfigError(
+            f"data.eval_fraction must be between 0 and 1 when no data.eval_path is given; got {d.eval_fraction}"
+        )
+    check_choice("peft.type", p.type, ("none", "lora"))
+    if p.type == "lora":
+        check_at_least(1, {"peft.r": p.r})
+        if not p.alpha > 0:
+            raise ConfigError(f"peft.alpha must be above 0; got {p.alpha}")
+        check_in("peft.dropout", p.dropout, 0, 1)
+    check_choice("logger.backend", cfg.logger.backend, LOGGER_BACKENDS)
+    check_choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    for g in optim:
+        o = cfg[g]
+        check_at_least(0, {f"{g}.lr": o.lr, f"{g}.weight_decay": o.weight_decay, f"{g}.grad_clip": o.grad_clip,
+                           f"{g}.warmup_steps": o.warmup_steps})  # fmt: skip
+        if len(o.betas) != 2:
+            raise ConfigError(f"{g}.betas must be two numbers (Adam's beta1, beta2); got {list(o.betas)}")
+        for i, beta in enumerate(o.betas):
+            check_in(f"{g}.betas[{i}]", beta, 0, 1)
+        if not o.eps > 0:
+            raise ConfigError(f"{g}.eps must be above 0; got {o.eps}")
+        check_in(f"{g}.min_lr_ratio", o.min_lr_ratio, 0, 1, high_open=False)
+    for g in zero:
+        check_zero(g, cfg[g].stage, cfg[g].offload_optimizer, cfg[g].offload_param)

@@ -28,15 +28,11 @@ from transformers import get_scheduler
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from core import dist
-from core.config import plain
+from core.config import ConfigError, check_zero, plain
 from core.logging import find_secret
 from core.models import resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A user-fixable inconsistency in the training / DeepSpeed settings."""
 
 
 def build_config(
@@ -64,12 +60,7 @@ def build_config(
     (PPO's `actor_ds`, `critic_ds`, `frozen_ds`).
     """
     _init_comm()
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{group}.stage must be 0, 1, 2 or 3, got {stage}")
-    if offload_param and stage != 3:
-        raise ConfigError(f"{group}.offload_param needs ZeRO stage 3")
-    if offload_optimizer and stage == 0:
-        raise ConfigError(f"{group}.offload_optimizer needs ZeRO stage 1, 2 or 3")
+    check_zero(group, stage, offload_optimizer, offload_param)
     if micro_batch_size_per_device < 1 or grad_accum_steps < 1:
         raise ConfigError("train.micro_batch_size_per_device and train.grad_accum_steps must be >= 1")
     world = dist.world_size()

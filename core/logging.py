@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from core import dist
+from core.config import LOGGER_BACKENDS, LOGGER_MODES
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def redact_secrets(value: Any) -> Any:
 
 def wandb_mode(requested: str) -> tuple[str, str | None]:
     """(mode, notice): auto picks online only with credentials and a reachable server."""
-    if requested not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"logger.mode must be auto|online|offline|disabled, got {requested!r}")
+    if requested not in LOGGER_MODES:
+        raise ValueError(f"logger.mode must be {'|'.join(LOGGER_MODES)}, got {requested!r}")
     env = os.environ.get("WANDB_MODE")
     if requested != "auto":
         return requested, None
@@ -124,8 +125,8 @@ class MetricsLogger:
         tags: list[str],
         total_steps: int,
     ):
-        if backend not in ("wandb", "tensorboard", "none"):
-            raise ValueError(f"logger.backend must be wandb|tensorboard|none, got {backend!r}")
+        if backend not in LOGGER_BACKENDS:
+            raise ValueError(f"logger.backend must be {'|'.join(LOGGER_BACKENDS)}, got {backend!r}")
         self.enabled = dist.is_main()
         self.run_dir = run_dir
         self.wandb = self.tb = None

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from core.config import plain  # noqa: E402
+from core.config import PRECISIONS, plain  # noqa: E402
 from data.collate import pack_pairs
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ class ModelError(ValueError):
 
 def resolve_precision(precision: str) -> str:
     """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    if precision not in ("auto", *_DTYPES):
-        raise ModelError(f"train.precision must be auto|fp32|bf16|fp16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ModelError(f"train.precision must be {'|'.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         if precision != "fp32" and not torch.cuda.is_available():
             raise ModelError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")

@@ -48,7 +48,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core import checkpoint, dist
 from core.checkpoint import EXPORT_INFO, atomic_write_text
-from core.deepspeed import ConfigError
+from core.config import ConfigError
 from core.logging import find_secret
 from core.models import TRAIN_TOKENIZER
 
@@ -178,9 +178,10 @@ def compose_stage(
     A string given for a config-group package (`sft.model=gpt2`, `ppo.actor_ds=zero3`,
     `reward.experiment=quick`) selects that group's file; every other key sets a value and is
     type-checked against the stage's schema. In the PPO stage, a key of its `ppo:` section may be
-    given without the section (`ppo.kl_coef` = `ppo.ppo.kl_coef`). A secret-looking key is refused.
+    given without the section (`ppo.kl_coef` = `ppo.ppo.kl_coef`). A secret-looking key is refused,
+    and so is a value out of range (the stage's `check_config`, which it would run only when it starts).
     """
-    importlib.import_module(f"{stage}.config")  # registers the stage's schema
+    schema = importlib.import_module(f"{stage}.config")  # registers the stage's schema
     base = hydra.compose(config_name=stage, return_hydra_config=True)
     # e.g. {"model@actor": "tiny", "experiment": None} -> package -> "group@package"
     packages = {k.split("@")[-1]: k for k in base.hydra.runtime.choices if not k.startswith("hydra")}
@@ -214,6 +215,10 @@ def compose_stage(
             f"directory; give it through the environment"
         )
     OmegaConf.resolve(cfg)
+    try:
+        schema.check_config(cfg)
+    except ConfigError as e:  # its message starts with the stage's own key
+        raise ConfigError(f"{stage}.{e}") from e
     return cfg
 
 

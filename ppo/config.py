@@ -1,7 +1,7 @@
 """The PPO stage's config schema: four model roles, two trained engines, rollout and PPO settings.
 
 Registered in Hydra's ConfigStore as `ppo_schema`; conf/ppo.yaml lists it first. Values live
-in the YAML (one comment above each); here only types.
+in the YAML (one comment above each); here only types, and `check_config`, the checks of their ranges.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from core.config import (
+    ConfigError,
     DataConfig,
     DeepSpeedConfig,
     LoggerConfig,
@@ -19,7 +20,12 @@ from core.config import (
     OptimConfig,
     PeftConfig,
     TrainConfig,
+    check_at_least,
+    check_choice,
+    check_in,
+    check_values,
 )
+from ppo.kl import ESTIMATORS as KL_ESTIMATORS
 
 
 @dataclass
@@ -100,3 +106,51 @@ class PPOConfig:
 
 
 ConfigStore.instance().store(name="ppo_schema", node=PPOConfig)
+
+
+def check_config(cfg) -> None:
+    """Fail before loading anything on a misspelt choice (a typo must not silently turn the KL off) or a
+    value out of range (an EMA decay of 1.5 would diverge; a zero batch would fail deep inside); the
+    shared groups through `core.config.check_values`. The pipeline calls it at planning too."""
+    if cfg.bench.workload is not None:  # experiment=bench: train.max_steps is bench.steps
+        check_at_least(1, {"bench.steps": cfg.bench.steps})
+    check_values(cfg, optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds", "frozen_ds"))
+    p, r, x = cfg.ppo, cfg.rollout, cfg.ptx
+    check_choice("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS)
+    check_choice("ppo.kl_in", p.kl_in, ("reward", "loss"))
+    check_choice("ppo.reward_norm", p.reward_norm, ("none", "rm_stats", "running"))
+    if p.kl_in == "loss" and p.kl_estimator == "k1":
+        # d/dtheta of log pi(a) - log pi_ref(a) is d log pi(a): nothing of the reference is left in it
+        raise ConfigError(
+            "ppo.kl_in=loss needs ppo.kl_estimator=k2 or k3: k1's gradient as a loss does not depend on "
+            "the reference (it only lowers the sampled tokens' log-probs), so it would not hold the policy "
+            "near it. k2's gradient is that of KL(pi || pi_ref); k3 is GRPO's choice"
+        )
+    check_at_least(1, {"ppo.epochs": p.epochs, "ppo.kl_horizon": p.kl_horizon,
+                       "rollout.samples_per_prompt": r.samples_per_prompt, "rollout.batch_size": r.batch_size,
+                       "rollout.max_new_tokens": r.max_new_tokens,
+                       "rollout.micro_batch_size_per_device": r.micro_batch_size_per_device})  # fmt: skip
+    check_at_least(0, {"rollout.min_new_tokens": r.min_new_tokens, "rollout.top_k": r.top_k,
+                       "ppo.kl_coef": p.kl_coef, "ppo.missing_eos_penalty": p.missing_eos_penalty,
+                       "ppo.entropy_coef": p.entropy_coef, "ptx.coef": x.coef})  # fmt: skip
+    if r.min_new_tokens > r.max_new_tokens:
+        raise ConfigError(
+            f"rollout.min_new_tokens={r.min_new_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}"
+        )
+    if not r.temperature > 0:
+        raise ConfigError(
+            f"rollout.temperature must be above 0 (PPO samples the policy); got {r.temperature}"
+        )
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1] (1 = off); got {r.top_p}")
+    for key in ("gamma", "gae_lambda"):
+        check_in(f"ppo.{key}", p[key], 0, 1, high_open=False)
+    check_in("ppo.ema_decay", p.ema_decay, 0, 1)
+    # the keys where null means off: a value must be above 0 (0 would clip everything or stop at once)
+    for key in ("clip_eps", "value_clip_eps", "kl_target", "reward_clip", "early_stop_kl"):
+        if p[key] is not None and not p[key] > 0:
+            raise ConfigError(
+                f"ppo.{key} must be above 0{'' if key == 'clip_eps' else ' or null'}; got {p[key]}"
+            )
+    if x.coef > 0:
+        check_at_least(1, {"ptx.micro_batch_size_per_device": x.micro_batch_size_per_device})

@@ -23,6 +23,7 @@ from peft import PeftModel
 
 from core import checkpoint, dist, models
 from core import deepspeed as ds
+from core.config import ConfigError
 from core.logging import MetricsLogger
 from data import imdb
 from data.builtin import task
@@ -31,16 +32,12 @@ from data.formats import Message, load_prompts, opening, split_train_eval
 from data.templates import PromptFormatter
 from ppo import rollout as ro
 from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
-from ppo.kl import ESTIMATORS as KL_ESTIMATORS
+from ppo.config import check_config
 from ppo.kl import KLController, kl_estimate
 from ppo.loss import actor_loss, policy_loss, value_loss
 from ppo.ptx import PtxData
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A user-fixable problem with the PPO settings."""
 
 
 def newest_export(runs_dir: str, stage: str) -> str:
@@ -84,7 +81,7 @@ class PPORecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self._check_choices()
+        check_config(cfg)
         transformers.set_seed(cfg.train.seed)  # the same new heads / adapters on every rank
         self.device = dist.device()
         if dist.keep_freed_cpu_memory(cfg.train.keep_freed_memory):
@@ -112,46 +109,6 @@ class PPORecipe:
                       for r, s in enumerate(ds.partition_shares(engine.module))}  # fmt: skip
             self.logger.log({"data/train_prompts": len(self.train_prompts),
                              "data/eval_prompts": len(self.eval_prompts), **shares}, step=0)  # fmt: skip
-
-    def _check_choices(self) -> None:
-        """Fail before loading anything on a misspelt choice (a typo must not silently turn the KL off) or a
-        value out of range (an EMA decay of 1.5 would diverge; a zero batch would fail deep inside)."""
-        p = self.cfg.ppo
-        for key, value, allowed in (("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS),
-                                    ("ppo.kl_in", p.kl_in, ("reward", "loss")),
-                                    ("ppo.reward_norm", p.reward_norm, ("none", "rm_stats", "running"))):  # fmt: skip
-            if value not in allowed:
-                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-        if p.kl_in == "loss" and p.kl_estimator == "k1":
-            # d/dtheta of log pi(a) - log pi_ref(a) is d log pi(a): nothing of the reference is left in it
-            raise ConfigError(
-                "ppo.kl_in=loss needs ppo.kl_estimator=k2 or k3: k1's gradient as a loss does not depend on "
-                "the reference (it only lowers the sampled tokens' log-probs), so it would not hold the policy "
-                "near it. k2's gradient is that of KL(pi || pi_ref); k3 is GRPO's choice"
-            )
-        c, r = self.cfg, self.cfg.rollout
-        minimum = {"ppo.epochs": p.epochs, "rollout.samples_per_prompt": r.samples_per_prompt,
-                   "rollout.batch_size": r.batch_size, "rollout.max_new_tokens": r.max_new_tokens,
-                   "rollout.micro_batch_size_per_device": r.micro_batch_size_per_device,
-                   "train.max_steps": c.train.max_steps}  # fmt: skip
-        for key, value in minimum.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be at least 1; got {value}")
-        if r.min_new_tokens < 0:
-            raise ConfigError(f"rollout.min_new_tokens must not be negative; got {r.min_new_tokens}")
-        if r.min_new_tokens > r.max_new_tokens:
-            raise ConfigError(
-                f"rollout.min_new_tokens={r.min_new_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}"
-            )
-        if not r.temperature > 0:
-            raise ConfigError(
-                f"rollout.temperature must be above 0 (PPO samples the policy); got {r.temperature}"
-            )
-        if p.ema_decay is not None and not 0 <= p.ema_decay < 1:
-            raise ConfigError(f"ppo.ema_decay must be in [0, 1) or null; got {p.ema_decay}")
-        for key in ("actor_optim", "critic_optim"):
-            if (lr := c[key].lr) < 0:
-                raise ConfigError(f"{key}.lr must not be negative; got {lr}")
 
     def _resolve_paths(self) -> None:
         """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""

@@ -37,6 +37,7 @@ from data.builtin import task
 from data.collate import GlobalBatches, PackedSequences, layout_pairs, pack_layout
 from data.formats import Conversation, Message, PreferencePair, load_preferences, opening, split_train_eval
 from data.templates import PromptFormatter
+from reward.config import check_config
 from reward.loss import accuracy, centering_penalty, preference_loss
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class RewardRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        check_config(cfg)
         transformers.set_seed(cfg.train.seed)
         self.device = dist.device()
         if dist.keep_freed_cpu_memory(cfg.train.keep_freed_memory):

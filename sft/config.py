@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
-from core.config import StageConfig
+from core.config import StageConfig, check_values
 
 
 @dataclass
@@ -19,3 +19,9 @@ class SFTConfig(StageConfig):
 
 
 ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
+
+
+def check_config(cfg) -> None:
+    """The ranges and choices of the shared groups (`core.config.check_values`), before anything loads;
+    the pipeline calls it at planning too."""
+    check_values(cfg)

@@ -25,6 +25,7 @@ from data import builtin, imdb
 from data.collate import GlobalBatches, collate, pack
 from data.formats import Conversation, load_conversations, opening, split_train_eval
 from data.templates import Encoded, PromptFormatter
+from sft.config import check_config
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class SFTRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        check_config(cfg)
         transformers.set_seed(cfg.train.seed)
         self.device = dist.device()
         if dist.keep_freed_cpu_memory(cfg.train.keep_freed_memory):

@@ -126,3 +126,85 @@ def test_the_schemas_hold_types_only():
             elif f.default != "???":
                 defaults.append(f"{schema.__name__}.{f.name} = {f.default!r}")
     assert len(seen) >= 15 and defaults == []
+
+
+def compose_any(stage, *overrides):
+    import importlib
+
+    importlib.import_module(f"{stage}.config")  # registers the stage's schema
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(stage, overrides=list(overrides))
+
+
+def test_every_stage_default_and_stage_experiment_passes_its_value_checks():
+    """The checks refuse nothing the project ships: each stage's defaults and every stage experiment
+    that composes for it (the pipeline experiments are checked at planning in test_pipeline)."""
+    import importlib
+
+    checked = 0
+    for stage in ("sft", "reward", "ppo"):
+        check = importlib.import_module(f"{stage}.config").check_config
+        check(compose_any(stage))
+        for experiment in sorted(Path(CONF, "experiment").glob("*.yaml")):
+            try:
+                bench = ["bench.workload=wl", "bench.steps=2"] if experiment.stem == "bench" else []
+                cfg = compose_any(stage, f"experiment={experiment.stem}", *bench)
+            except ConfigCompositionException:  # another stage's (or the pipeline's) experiment
+                continue
+            check(cfg)
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("train.max_steps=0", "train.max_steps must be at least 1; got 0"),
+     ("train.grad_accum_steps=0", "train.grad_accum_steps must be at least 1; got 0"),
+     ("train.save_every=-5", "train.save_every must be at least 0; got -5"),
+     ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
+     ("data.max_len=0", "data.max_len must be at least 1; got 0"),
+     ("data.loss_on=prompt", "data.loss_on must be one of responses, all; got 'prompt'"),
+     ("data.on_error=ignore", "data.on_error must be one of raise, skip; got 'ignore'"),
+     ("data.eval_fraction=0", "data.eval_fraction must be between 0 and 1 when no data.eval_path is given"),
+     ("optim.betas=[0.9,1.5]", r"optim.betas\[1\] must be in \[0, 1\); got 1.5"),
+     ("optim.betas=[0.9]", r"optim.betas must be two numbers .*; got \[0.9\]"),
+     ("optim.weight_decay=-0.1", "optim.weight_decay must be at least 0; got -0.1"),
+     ("optim.eps=0", "optim.eps must be above 0; got 0"),
+     ("optim.min_lr_ratio=2", r"optim.min_lr_ratio must be in \[0, 1\]; got 2"),
+     ("optim.warmup_steps=-1", "optim.warmup_steps must be at least 0; got -1"),
+     ("peft.type=qlora", "peft.type must be one of none, lora; got 'qlora'"),
+     ("peft=lora peft.r=0", "peft.r must be at least 1; got 0"),
+     ("peft=lora peft.dropout=1", r"peft.dropout must be in \[0, 1\); got 1"),
+     ("logger.backend=mlflow", "logger.backend must be one of wandb, tensorboard, none; got 'mlflow'"),
+     ("logger.mode=online_maybe", "logger.mode must be one of auto, online, offline, disabled"),
+     ("deepspeed.stage=5", "deepspeed.stage must be 0, 1, 2 or 3, got 5")],
+)  # fmt: skip
+def test_shared_values_out_of_range_are_refused_naming_the_key(override, message):
+    from core.config import ConfigError, check_values
+
+    with pytest.raises(ConfigError, match=message):
+        check_values(sft_cfg(*override.split()))
+
+
+def test_an_eval_file_frees_eval_fraction_and_lora_values_count_only_with_lora():
+    from core.config import check_values
+
+    check_values(sft_cfg("data.eval_fraction=0", "data.eval_path=x.jsonl"))
+    check_values(sft_cfg("peft=none", "peft.r=0"))
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_a_stage_checks_its_values_before_loading_anything(stage, tmp_path):
+    import importlib
+
+    from core.config import ConfigError
+
+    recipe = importlib.import_module(f"{stage}.train")
+    cls = {"sft": "SFTRecipe", "reward": "RewardRecipe"}[stage]
+    cfg = compose_any(
+        stage, "optim.betas=[0.9,1.5]", "model.name_or_path=/nonexistent", "data.path=/nonexistent"
+    )
+    with pytest.raises(ConfigError, match=r"optim.betas\[1\] must be in \[0, 1\)"):
+        getattr(recipe, cls)(cfg, run_dir=tmp_path).setup()
+    with pytest.raises(ConfigError, match="loss.center_coef must be at least 0"):
+        importlib.import_module("reward.config").check_config(compose_any("reward", "loss.center_coef=-1"))

@@ -267,6 +267,29 @@ def test_a_sweep_job_replaces_nothing_before_every_stage_is_composed(tmp_path):
     assert (job / "sft" / pipeline.STAGE_STATE).is_file() and not (job / "sft").is_symlink()
 
 
+def test_a_value_out_of_range_in_a_later_stage_fails_at_planning_before_any_stage_runs(tmp_path):
+    """`rlhf pipeline ppo.ema_decay=1.5` stops at once, naming the key as the pipeline takes it, instead
+    of after SFT and the reward model have trained (the PPO stage's own check runs only when it starts)."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra.compose("pipeline", overrides=["++ppo.ema_decay=1.5"])
+        with pytest.raises(ConfigError, match=r"^ppo.ppo.ema_decay must be in \[0, 1\); got 1.5"):
+            pipeline.Pipeline(cfg, tmp_path / "run", None).run()
+        with pytest.raises(ConfigError, match=r"^reward.optim.betas\[1\] must be in \[0, 1\); got 1.5"):
+            pipeline.compose_stage("reward", {"optim": {"betas": [0.9, 1.5]}}, {}, "/d")
+        with pytest.raises(ConfigError, match=r"^sft.train.max_steps must be at least 1; got 0"):
+            pipeline.compose_stage("sft", {"experiment": "quick", "train": {"max_steps": 0}}, {}, "/d")
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize("experiment", [None, "imdb_sentiment", "stories_positive"])
+def test_every_pipeline_experiment_passes_the_stages_checks_at_planning(experiment):
+    """The value checks refuse nothing the pipeline ships (each stage composed as the pipeline would)."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra.compose("pipeline", overrides=[f"experiment={experiment}"] if experiment else [])
+        for stage in pipeline.STAGES:
+            pipeline.compose_stage(stage, OmegaConf.to_container(cfg[stage]), {}, "/d")
+
+
 def test_a_pipeline_pointed_at_a_foreign_directory_stops_before_deleting_it(tmp_path):
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "notes.txt").write_text("mine")

@@ -6,10 +6,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import ppo.config  # noqa: F401  (registers ppo_schema)
+from core.config import ConfigError
 from data.builtin.tokenizer import build_tokenizer
 from data.formats import Message
 from data.templates import PromptFormatter
-from ppo.train import ConfigError, PPORecipe, eval_batches
+from ppo.config import check_config
+from ppo.train import PPORecipe, eval_batches
 from tests.conftest import ROOT
 
 
@@ -37,29 +39,60 @@ def recipe(*overrides):
         return PPORecipe(compose("ppo", overrides=list(overrides)), run_dir=Path("unused"))
 
 
+def cfg(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("ppo", overrides=list(overrides))
+
+
 def test_kl_as_a_loss_refuses_k1():
     with pytest.raises(ConfigError, match="kl_in=loss needs ppo.kl_estimator=k2 or k3"):
-        recipe("ppo.kl_in=loss", "ppo.kl_estimator=k1")._check_choices()
+        check_config(cfg("ppo.kl_in=loss", "ppo.kl_estimator=k1"))
     for estimator in ("k2", "k3"):
-        recipe("ppo.kl_in=loss", f"ppo.kl_estimator={estimator}")._check_choices()
-    recipe("ppo.kl_in=reward", "ppo.kl_estimator=k1")._check_choices()
+        check_config(cfg("ppo.kl_in=loss", f"ppo.kl_estimator={estimator}"))
+    check_config(cfg("ppo.kl_in=reward", "ppo.kl_estimator=k1"))
 
 
-def test_misspelt_choices_and_zero_epochs_are_refused():
-    with pytest.raises(ConfigError, match="ppo.kl_estimator must be one of k1, k2, k3; got 'k4'"):
-        recipe("ppo.kl_estimator=k4")._check_choices()
-    with pytest.raises(ConfigError, match="ppo.epochs must be at least 1; got 0"):
-        recipe("ppo.epochs=0")._check_choices()
-    for override, message in (("rollout.batch_size=0", "rollout.batch_size must be at least 1; got 0"),
-                              ("train.max_steps=-1", "train.max_steps must be at least 1; got -1"),
-                              ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be at least 1; got 0"),
-                              ("rollout.min_new_tokens=40", "min_new_tokens=40 exceeds rollout.max_new_tokens=32"),
-                              ("rollout.temperature=0", "rollout.temperature must be above 0"),
-                              ("ppo.ema_decay=1.5", r"ppo.ema_decay must be in \[0, 1\) or null; got 1.5"),
-                              ("actor_optim.lr=-1", "actor_optim.lr must not be negative; got -1.0")):  # fmt: skip
-        with pytest.raises(ConfigError, match=message):
-            recipe(override)._check_choices()
-    recipe("ppo.ema_decay=0.99", "rollout.min_new_tokens=32")._check_choices()
+@pytest.mark.parametrize(
+    "override, message",
+    [("ppo.kl_estimator=k4", "ppo.kl_estimator must be one of k1, k2, k3; got 'k4'"),
+     ("ppo.reward_norm=rm", "ppo.reward_norm must be one of none, rm_stats, running; got 'rm'"),
+     ("ppo.epochs=0", "ppo.epochs must be at least 1; got 0"),
+     ("rollout.batch_size=0", "rollout.batch_size must be at least 1; got 0"),
+     ("train.max_steps=-1", "train.max_steps must be at least 1; got -1"),
+     ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be at least 1; got 0"),
+     ("rollout.min_new_tokens=40", "min_new_tokens=40 exceeds rollout.max_new_tokens=32"),
+     ("rollout.temperature=0", "rollout.temperature must be above 0"),
+     ("rollout.top_p=1.5", r"rollout.top_p must be in \(0, 1\]"),
+     ("rollout.top_k=-1", "rollout.top_k must be at least 0; got -1"),
+     ("ppo.ema_decay=1.5", r"ppo.ema_decay must be in \[0, 1\); got 1.5"),
+     ("ppo.gae_lambda=1.2", r"ppo.gae_lambda must be in \[0, 1\]; got 1.2"),
+     ("ppo.clip_eps=0", "ppo.clip_eps must be above 0; got 0"),
+     ("ppo.value_clip_eps=-0.2", "ppo.value_clip_eps must be above 0 or null; got -0.2"),
+     ("ppo.kl_target=0", "ppo.kl_target must be above 0 or null; got 0"),
+     ("ppo.kl_coef=-0.1", "ppo.kl_coef must be at least 0; got -0.1"),
+     ("ptx.coef=-1", "ptx.coef must be at least 0; got -1"),
+     ("experiment=bench bench.workload=wl", "bench.steps must be at least 1; got 0"),
+     ("actor_optim.lr=-1", "actor_optim.lr must be at least 0; got -1"),
+     ("critic_optim.betas=[0.9,1.0]", r"critic_optim.betas\[1\] must be in \[0, 1\); got 1.0"),
+     ("critic_ds.stage=4", "critic_ds.stage must be 0, 1, 2 or 3, got 4"),
+     ("actor_ds.offload_param=true", "actor_ds.offload_param needs ZeRO stage 3")],
+)  # fmt: skip
+def test_misspelt_choices_and_values_out_of_range_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg(*override.split()))
+
+
+def test_values_at_the_edges_of_their_ranges_pass():
+    check_config(cfg("ppo.ema_decay=0.99", "rollout.min_new_tokens=32", "ppo.gamma=1", "ppo.gae_lambda=0",
+                     "ppo.value_clip_eps=null", "ppo.kl_target=6", "rollout.top_p=1", "actor_optim.lr=0",
+                     "ptx.coef=0", "ptx.micro_batch_size_per_device=0"))  # fmt: skip
+    with pytest.raises(ConfigError, match="ptx.micro_batch_size_per_device must be at least 1; got 0"):
+        check_config(cfg("ptx.coef=0.5", "ptx.micro_batch_size_per_device=0"))  # read only when ptx is on
+
+
+def test_setup_checks_the_values_before_loading_anything():
+    with pytest.raises(ConfigError, match="ppo.epochs must be at least 1"):
+        recipe("ppo.epochs=0", "actor.name_or_path=/nonexistent").setup()
 
 
 def test_a_reference_or_critic_without_a_path_loads_its_sources_checkpoint_the_same_way():
