@@ -8,8 +8,10 @@ rlhf sft|reward|ppo [key=value]   one stage, the same as python -m <stage>
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 
 COMMANDS = ("pipeline", "evaluate", "sft", "reward", "ppo")
 
@@ -31,6 +33,25 @@ def main(argv: list[str] | None = None) -> None:
         evaluate.cli(rest)
     else:  # a stage: its own entry point, in this process
         os.execv(sys.executable, [sys.executable, "-m", command, *rest])
+
+
+@contextlib.contextmanager
+def reported(command: str) -> Iterator[None]:
+    """A command's body, where a setting the user can fix (a ConfigError, ModelError or DataError: a
+    value out of range, a missing export, a malformed data line) ends the command with its message and
+    exit status 2 instead of a traceback that hides the message at its bottom. On every rank, in the
+    run's log file too. HYDRA_FULL_ERROR=1 keeps the traceback, as for Hydra's own errors."""
+    from core.config import ConfigError
+    from core.models import ModelError
+    from data.formats import DataError
+
+    try:
+        yield
+    except (ConfigError, ModelError, DataError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        logging.getLogger(command).error("%s\n(HYDRA_FULL_ERROR=1 shows where it was raised)", e)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -562,9 +562,11 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 @hydra.main(config_path=CONF_DIR, config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
     from core import report
+    from core.cli import reported
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = Pipeline(cfg, run_dir, _sweep_dir()).run()
+    with reported("pipeline"):  # a setting to fix (a key, a value, a missing export): its message alone
+        result = Pipeline(cfg, run_dir, _sweep_dir()).run()
     return report.finish(cfg, run_dir, result)
 
 
@@ -575,7 +577,10 @@ def cli(argv: list[str]) -> None:
     _O.register_new_resolver("run_now", lambda pattern: time.strftime(pattern), replace=True)
     # this command's id (pipeline.from_stage); the jobs a sweep launcher starts inherit it
     os.environ[INVOCATION_ENV] = uuid.uuid4().hex
-    sys.argv = [sys.argv[0], *stage_overrides_argv(argv)]
+    from core.cli import reported
+
+    with reported("pipeline"):
+        sys.argv = [sys.argv[0], *stage_overrides_argv(argv)]
     main()
 
 

@@ -8,15 +8,17 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import ppo.config  # noqa: E402,F401  (registers the schema)
+from core.cli import reported  # noqa: E402
 from ppo.train import PPORecipe  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="ppo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    recipe = PPORecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    with reported("ppo"):  # a setting to fix: its message, not a traceback
+        recipe = PPORecipe(cfg)
+        recipe.setup()
+        recipe.train()
+        recipe.cleanup()
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import reward.config  # noqa: E402,F401  (registers the schema)
+from core.cli import reported  # noqa: E402
 from reward.train import RewardRecipe  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="reward", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    recipe = RewardRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    with reported("reward"):  # a setting to fix: its message, not a traceback
+        recipe = RewardRecipe(cfg)
+        recipe.setup()
+        recipe.train()
+        recipe.cleanup()
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import sft.config  # noqa: E402,F401  (registers the schema)
+from core.cli import reported  # noqa: E402
 from sft.train import SFTRecipe  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    recipe = SFTRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    with reported("sft"):  # a setting to fix: its message, not a traceback
+        recipe = SFTRecipe(cfg)
+        recipe.setup()
+        recipe.train()
+        recipe.cleanup()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,28 @@ def test_a_typo_on_the_command_line_fails_at_once_with_hydras_message():
     assert time.monotonic() - start < 60
 
 
+def test_a_value_out_of_range_ends_the_command_with_its_message_not_a_traceback(tmp_path):
+    proc = run_stage("sft", "optim.betas=[0.9,1.5]", f"hydra.run.dir={tmp_path}", check=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode == 2, out
+    assert "optim.betas[1] must be in [0, 1); got 1.5" in out and "Traceback" not in out
+    assert "optim.betas[1] must be in [0, 1)" in (tmp_path / "sft.log").read_text()  # the run's log file too
+
+
+def test_reported_keeps_the_traceback_with_hydra_full_error_and_for_other_errors(monkeypatch):
+    from core.cli import reported
+    from core.config import ConfigError
+
+    with pytest.raises(SystemExit) as ended, reported("sft"):
+        raise ConfigError("train.max_steps must be at least 1; got 0")
+    assert ended.value.code == 2
+    with pytest.raises(RuntimeError), reported("sft"):  # not a setting: a bug or a crash keeps its traceback
+        raise RuntimeError("boom")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigError), reported("sft"):
+        raise ConfigError("x")
+
+
 def test_launcher_local_rank_argument_is_stripped():
     argv = ["sft", "--local_rank=1", "a=1", "--local-rank", "0", "b=2", "--local_rank", "3"]
     assert dist.strip_launcher_args(argv) == ["sft", "a=1", "b=2"]
