@@ -514,6 +514,15 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(target, self.run_dir))
 
+    def retire_report(self) -> None:
+        """Before a stage runs again: the run directory's report described the stages as they were, and
+        would be left standing beside the new ones if this run failed (a sweep's summary would list it).
+        The evaluation's cache (eval.json) stays: it is keyed by the PPO export it judged."""
+        from core.report import REPORT_HTML, REPORT_JSON, REPORT_MD
+
+        for name in (REPORT_JSON, REPORT_MD, REPORT_HTML):  # report.json first: the sweep summary reads it
+            (self.run_dir / name).unlink(missing_ok=True)
+
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         # 1. plan: every stage's config, key and directory (a bad key fails here, before any training)
@@ -542,6 +551,7 @@ class Pipeline:
                     log.info("%s: up to date in %s (key %s); skipped", stage, dirs[stage], keys[stage][:12])
                     wall = 0.0
                 else:
+                    self.retire_report()
                     wall = run_stage(stage, stage_cfg, keys[stage], dirs[stage], action, self.cfg.launcher,
                                      self.group, inputs)  # fmt: skip
             state = json.loads((dirs[stage] / "export" / STAGE_STATE).read_text())

@@ -290,6 +290,26 @@ def test_every_pipeline_experiment_passes_the_stages_checks_at_planning(experime
             pipeline.compose_stage(stage, OmegaConf.to_container(cfg[stage]), {}, "/d")
 
 
+def test_a_stage_that_runs_again_retires_the_old_report_first(tmp_path, monkeypatch):
+    """A failed rerun must not leave the last run's report standing beside its new, partial stages."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("report.md", "report.html", "report.json", "eval.json"):
+        (run / name).write_text("from the run before")
+
+    def crash(stage, *args, **kwargs):
+        assert not (run / "report.json").exists()  # gone before the stage starts
+        raise RuntimeError("stage sft failed")
+
+    monkeypatch.setattr(pipeline, "run_stage", crash)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra.compose("pipeline", overrides=["pipeline.stages=[sft]"])
+        with pytest.raises(RuntimeError, match="stage sft failed"):
+            pipeline.Pipeline(cfg, run, None).run()
+    left = sorted(p.name for p in run.iterdir() if p.is_file() and not p.name.endswith(".lock"))
+    assert left == ["eval.json"]  # the evaluation's cache stays: it is keyed by the export it judged
+
+
 def test_a_pipeline_pointed_at_a_foreign_directory_stops_before_deleting_it(tmp_path):
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "notes.txt").write_text("mine")
