@@ -40,7 +40,12 @@ def reported(command: str) -> Iterator[None]:
     """A command's body, where a setting the user can fix (a ConfigError, ModelError or DataError: a
     value out of range, a missing export, a malformed data line) ends the command with its message and
     exit status 2 instead of a traceback that hides the message at its bottom. On every rank, in the
-    run's log file too. HYDRA_FULL_ERROR=1 keeps the traceback, as for Hydra's own errors."""
+    run's log file too. HYDRA_FULL_ERROR=1 keeps the traceback, as for Hydra's own errors. In a sweep
+    (`-m`) the error is logged and raised on, so Hydra goes on with the other jobs and reports it at
+    the end, as it does for any failing job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from core.config import ConfigError
     from core.models import ModelError
     from data.formats import DataError
@@ -51,6 +56,8 @@ def reported(command: str) -> Iterator[None]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         logging.getLogger(command).error("%s\n(HYDRA_FULL_ERROR=1 shows where it was raised)", e)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
         raise SystemExit(2) from None
 
 

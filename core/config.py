@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from data.templates import CHAT_TEMPLATE_MODES
+
 
 class ConfigError(ValueError):
     """A setting a user can fix: the message names the key and what it takes."""
@@ -230,6 +232,7 @@ def check_values(
     check_choice("train.precision", t.precision, PRECISIONS)
     check_choice("data.loss_on", d.loss_on, ("responses", "all"))
     check_choice("data.on_error", d.on_error, ("raise", "skip"))
+    check_choice("data.template.chat_template", d.template.chat_template, CHAT_TEMPLATE_MODES)
     if d.eval_path is None and not 0 < d.eval_fraction < 1:
         raise ConfigError(
             f"data.eval_fraction must be between 0 and 1 when no data.eval_path is given; got {d.eval_fraction}"

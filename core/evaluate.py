@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import models
 from core.checkpoint import EXPORT_INFO, resolve_reference
+from core.config import ConfigError
 from data import imdb
 from data.builtin import task
 from data.formats import Message, load_prompts, opening, split_train_eval
@@ -209,10 +210,25 @@ JUDGES = ("auto", "gold", "sentiment")
 def resolve_judge(data: DictConfig, judge: str) -> str | None:
     """auto -> gold on the built-in task, sentiment on IMDB data, None (no judge) otherwise."""
     if judge not in JUDGES:
-        raise ValueError(f"eval.judge must be one of {JUDGES}, got {judge!r}")
+        raise ConfigError(f"eval.judge must be one of {', '.join(JUDGES)}; got {judge!r}")
     if judge != "auto":
         return judge
     return "gold" if data.path == "builtin" else "sentiment" if data.format == "imdb" else None
+
+
+def check_eval(eval_cfg: DictConfig, data: DictConfig) -> None:
+    """The pipeline's evaluation settings against the PPO stage's data, at planning (not after the
+    three stages): a judge that is not one, the gold judge off the built-in task, no samples."""
+    judge = resolve_judge(data, eval_cfg.judge)
+    if judge == "gold" and data.path != "builtin":
+        raise ConfigError(
+            "eval.judge=gold needs the built-in task (ppo.data.path=builtin); IMDB data: sentiment"
+        )
+    if eval_cfg.samples_per_prompt < 1 or eval_cfg.num_report_samples < 0:
+        raise ConfigError(
+            f"eval.samples_per_prompt must be at least 1 and eval.num_report_samples at least 0; got "
+            f"{eval_cfg.samples_per_prompt} and {eval_cfg.num_report_samples}"
+        )
 
 
 def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:

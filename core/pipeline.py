@@ -463,9 +463,9 @@ def run_stage(stage: str, cfg: DictConfig, key: str, stage_dir: Path, action: st
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "".join((stage_dir / "stage.log").read_text(errors="replace").splitlines(True)[-30:])
-        raise RuntimeError(
-            f"stage {stage} failed (exit {proc.returncode}); log: {stage_dir / 'stage.log'}\n{tail}"
-        )
+        # exit 2: the stage stopped on a setting to fix (core.cli.reported), its message in the tail
+        error = ConfigError if proc.returncode == 2 else RuntimeError
+        raise error(f"stage {stage} failed (exit {proc.returncode}); log: {stage_dir / 'stage.log'}\n{tail}")
     # the key goes with the export: a later run skips this stage when its key is the same
     state = {"stage": stage, "key": key, "inputs": inputs, "wall_s": wall, "resumed": action == "resume",
              "invocation": os.environ.get(INVOCATION_ENV)}  # fmt: skip
@@ -540,6 +540,10 @@ class Pipeline:
             keys[stage] = stage_key(stage, stage_cfg, inputs, handoff, world_description(self.cfg.launcher))
             dirs[stage] = self.stage_dir(stage, keys[stage])
             plans.append((stage, stage_cfg, inputs))
+        if "ppo" in keys and self.cfg.eval.enabled:  # the evaluation after PPO: its settings now, too
+            from core import evaluate
+
+            evaluate.check_eval(self.cfg.eval, next(c for s, c, _ in plans if s == "ppo").data)
         for stage in self.stages:  # only once every stage composed: a typo in a later one changes nothing
             self.link_stage(stage, dirs[stage])
         # 2. run, resume or skip each stage in order
@@ -577,7 +581,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported("pipeline"):  # a setting to fix (a key, a value, a missing export): its message alone
         result = Pipeline(cfg, run_dir, _sweep_dir()).run()
-    return report.finish(cfg, run_dir, result)
+        return report.finish(cfg, run_dir, result)
 
 
 def cli(argv: list[str]) -> None:

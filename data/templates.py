@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 from data.formats import Conversation, DataError, Message
 
+# data.template.chat_template: the tokenizer's template when it has one | never | always (an error without one)
+CHAT_TEMPLATE_MODES = ("auto", "never", "always")
+
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 
 
@@ -34,8 +37,10 @@ class PromptFormatter:
     """Renders messages with a chat template or the configured strings, and tokenises them."""
 
     def __init__(self, tokenizer, chat_template: str, system: str, user: str, assistant: str):
-        if chat_template not in ("auto", "never", "always"):
-            raise DataError(f"data.template.chat_template must be auto|never|always, got {chat_template!r}")
+        if chat_template not in CHAT_TEMPLATE_MODES:
+            raise DataError(
+                f"data.template.chat_template must be {'|'.join(CHAT_TEMPLATE_MODES)}, got {chat_template!r}"
+            )
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat_template == "always" and not has_template:
             raise DataError("data.template.chat_template=always, but the tokenizer has no chat template")

@@ -24,6 +24,7 @@ from core.config import (
     check_choice,
     check_in,
     check_values,
+    check_zero,
 )
 from ppo.kl import ESTIMATORS as KL_ESTIMATORS
 
@@ -114,7 +115,9 @@ def check_config(cfg) -> None:
     shared groups through `core.config.check_values`. The pipeline calls it at planning too."""
     if cfg.bench.workload is not None:  # experiment=bench: train.max_steps is bench.steps
         check_at_least(1, {"bench.steps": cfg.bench.steps})
-    check_values(cfg, optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds", "frozen_ds"))
+    check_values(cfg, optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds"))
+    f = cfg.frozen_ds  # no optimizer: its offload_optimizer is not read
+    check_zero("frozen_ds", f.stage, offload_optimizer=False, offload_param=f.offload_param)
     p, r, x = cfg.ppo, cfg.rollout, cfg.ptx
     check_choice("ppo.kl_estimator", p.kl_estimator, KL_ESTIMATORS)
     check_choice("ppo.kl_in", p.kl_in, ("reward", "loss"))
@@ -135,7 +138,7 @@ def check_config(cfg) -> None:
                        "ppo.entropy_coef": p.entropy_coef, "ptx.coef": x.coef})  # fmt: skip
     if r.min_new_tokens > r.max_new_tokens:
         raise ConfigError(
-            f"rollout.min_new_tokens={r.min_new_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}"
+            f"rollout.min_new_tokens must not exceed max_new_tokens ({r.max_new_tokens}); got {r.min_new_tokens}"
         )
     if not r.temperature > 0:
         raise ConfigError(
@@ -145,9 +148,11 @@ def check_config(cfg) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1] (1 = off); got {r.top_p}")
     for key in ("gamma", "gae_lambda"):
         check_in(f"ppo.{key}", p[key], 0, 1, high_open=False)
-    check_in("ppo.ema_decay", p.ema_decay, 0, 1)
-    # the keys where null means off: a value must be above 0 (0 would clip everything or stop at once)
-    for key in ("clip_eps", "value_clip_eps", "kl_target", "reward_clip", "early_stop_kl"):
+    if p.ema_decay is not None and not 0 <= p.ema_decay < 1:
+        raise ConfigError(f"ppo.ema_decay must be in [0, 1) (0 or null: no EMA); got {p.ema_decay}")
+    # the keys where null means off: a value must be above 0 (0 would clip everything). Not early_stop_kl:
+    # any threshold has a meaning there (at or below 0 each update stops after its first minibatch)
+    for key in ("clip_eps", "value_clip_eps", "kl_target", "reward_clip"):
         if p[key] is not None and not p[key] > 0:
             raise ConfigError(
                 f"ppo.{key} must be above 0{'' if key == 'clip_eps' else ' or null'}; got {p[key]}"

@@ -61,7 +61,15 @@ def stage_env(threads: int = 1) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS=str(threads),
     )
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RLHF_RUN_STAMP"):
+    for var in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RLHF_RUN_STAMP",
+        "HYDRA_FULL_ERROR",
+    ):
         env.pop(var, None)
     return env
 

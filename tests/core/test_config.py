@@ -63,6 +63,15 @@ def test_a_value_out_of_range_ends_the_command_with_its_message_not_a_traceback(
     assert "optim.betas[1] must be in [0, 1)" in (tmp_path / "sft.log").read_text()  # the run's log file too
 
 
+def test_in_a_sweep_a_job_that_stops_on_a_setting_leaves_the_others_running(tmp_path):
+    proc = run_stage(
+        "sft", "-m", "optim.betas=[0.9,1.5],[0.9,2.0]", f"hydra.sweep.dir={tmp_path}", check=False
+    )
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0
+    assert "optim.betas[1] must be in [0, 1); got 1.5" in out and "got 2.0" in out  # the second job ran too
+
+
 def test_reported_keeps_the_traceback_with_hydra_full_error_and_for_other_errors(monkeypatch):
     from core.cli import reported
     from core.config import ConfigError

@@ -272,13 +272,40 @@ def test_a_value_out_of_range_in_a_later_stage_fails_at_planning_before_any_stag
     of after SFT and the reward model have trained (the PPO stage's own check runs only when it starts)."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra.compose("pipeline", overrides=["++ppo.ema_decay=1.5"])
-        with pytest.raises(ConfigError, match=r"^ppo.ppo.ema_decay must be in \[0, 1\); got 1.5"):
+        with pytest.raises(ConfigError, match=r"^ppo.ppo.ema_decay must be in \[0, 1\) .*; got 1.5"):
             pipeline.Pipeline(cfg, tmp_path / "run", None).run()
         with pytest.raises(ConfigError, match=r"^reward.optim.betas\[1\] must be in \[0, 1\); got 1.5"):
             pipeline.compose_stage("reward", {"optim": {"betas": [0.9, 1.5]}}, {}, "/d")
         with pytest.raises(ConfigError, match=r"^sft.train.max_steps must be at least 1; got 0"):
             pipeline.compose_stage("sft", {"experiment": "quick", "train": {"max_steps": 0}}, {}, "/d")
+        # the evaluation after PPO too: a judge that is not one, or the gold judge off the built-in task
+        for overrides, message in ((["eval.judge=gld"], "eval.judge must be one of auto, gold, sentiment"),
+                                   (["eval.judge=gold", "++ppo.experiment=imdb"], "eval.judge=gold needs the built-in"),
+                                   (["eval.samples_per_prompt=0"], "eval.samples_per_prompt must be at least 1")):  # fmt: skip
+            with pytest.raises(ConfigError, match=message):
+                pipeline.Pipeline(
+                    hydra.compose("pipeline", overrides=overrides), tmp_path / "run", None
+                ).run()
+        off = hydra.compose("pipeline", overrides=["eval.enabled=false", "eval.judge=gld", "pipeline.stages=[sft]",
+                                                  "++sft.train.max_steps=0"])  # fmt: skip
+        with pytest.raises(ConfigError, match="^sft.train.max_steps"):  # the judge is not read when off
+            pipeline.Pipeline(off, tmp_path / "run", None).run()
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+
+
+def test_a_stage_that_stops_on_a_setting_stops_the_pipeline_with_its_message(tmp_path, monkeypatch):
+    """A stage's exit 2 (core.cli.reported: a setting to fix, found only when it ran) becomes the
+    pipeline's own ConfigError, with the stage's log tail, so `rlhf pipeline` ends the same way."""
+
+    def run(cmd, env, stdout, stderr):
+        stdout.write("[sft][ERROR] - data.path: no such file\n")
+        return subprocess.CompletedProcess(cmd, 2)
+
+    monkeypatch.setattr(pipeline.subprocess, "run", run)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra.compose("pipeline", overrides=["pipeline.stages=[sft]"])
+        with pytest.raises(ConfigError, match=r"stage sft failed \(exit 2\)(.|\n)*data.path: no such file"):
+            pipeline.Pipeline(cfg, tmp_path / "run", None).run()
 
 
 @pytest.mark.parametrize("experiment", [None, "imdb_sentiment", "stories_positive"])

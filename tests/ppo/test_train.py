@@ -60,11 +60,11 @@ def test_kl_as_a_loss_refuses_k1():
      ("rollout.batch_size=0", "rollout.batch_size must be at least 1; got 0"),
      ("train.max_steps=-1", "train.max_steps must be at least 1; got -1"),
      ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be at least 1; got 0"),
-     ("rollout.min_new_tokens=40", "min_new_tokens=40 exceeds rollout.max_new_tokens=32"),
+     ("rollout.min_new_tokens=40", r"rollout.min_new_tokens must not exceed max_new_tokens \(32\); got 40"),
      ("rollout.temperature=0", "rollout.temperature must be above 0"),
      ("rollout.top_p=1.5", r"rollout.top_p must be in \(0, 1\]"),
      ("rollout.top_k=-1", "rollout.top_k must be at least 0; got -1"),
-     ("ppo.ema_decay=1.5", r"ppo.ema_decay must be in \[0, 1\); got 1.5"),
+     ("ppo.ema_decay=1.5", r"ppo.ema_decay must be in \[0, 1\) \(0 or null: no EMA\); got 1.5"),
      ("ppo.gae_lambda=1.2", r"ppo.gae_lambda must be in \[0, 1\]; got 1.2"),
      ("ppo.clip_eps=0", "ppo.clip_eps must be above 0; got 0"),
      ("ppo.value_clip_eps=-0.2", "ppo.value_clip_eps must be above 0 or null; got -0.2"),
@@ -83,6 +83,9 @@ def test_misspelt_choices_and_values_out_of_range_are_refused_naming_the_key(ove
 
 
 def test_values_at_the_edges_of_their_ranges_pass():
+    # the frozen models have no optimizer: their offload_optimizer is not read, so not refused either
+    check_config(cfg("deepspeed@frozen_ds=zero0", "frozen_ds.offload_optimizer=true"))
+    check_config(cfg("ppo.early_stop_kl=-1"))  # a threshold below any KL: one minibatch per update
     check_config(cfg("ppo.ema_decay=0.99", "rollout.min_new_tokens=32", "ppo.gamma=1", "ppo.gae_lambda=0",
                      "ppo.value_clip_eps=null", "ppo.kl_target=6", "rollout.top_p=1", "actor_optim.lr=0",
                      "ptx.coef=0", "ptx.micro_batch_size_per_device=0"))  # fmt: skip
