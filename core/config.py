@@ -3,7 +3,7 @@
 Types live here; values live in the YAML files under `conf/` (one default in one place).
 Fields without a value are `MISSING`, so a group file that forgets one fails loudly, and an
 override with a typo or a wrong type fails in Hydra before any model is loaded. A value of the right
-type but out of range (`train.max_steps=0`, `optim.betas=[0.9, 1.5]`) fails in `check_values`, which
+type but out of range (`train.max_steps=-1`, `optim.betas=[0.9, 1.5]`) fails in `check_values`, which
 every stage calls first in its setup and the pipeline calls for each stage at planning.
 """
 
@@ -225,8 +225,10 @@ def check_values(
     (`optim.betas=[0.9, 1.5]`, a negative weight decay) or fail on deep inside, after minutes of work.
     Raises ConfigError naming the key."""
     t, d, p = cfg.train, cfg.data, cfg.peft
-    check_at_least(1, {"train.max_steps": t.max_steps, "train.micro_batch_size_per_device": t.micro_batch_size_per_device,
+    check_at_least(1, {"train.micro_batch_size_per_device": t.micro_batch_size_per_device,
                        "train.grad_accum_steps": t.grad_accum_steps, "data.max_len": d.max_len})  # fmt: skip
+    # max_steps 0: the starting model exported as it is (SFT, reward); PPO asks for at least one step
+    check_at_least(0, {"train.max_steps": t.max_steps})
     check_at_least(0, {f"train.{k}": t[k] for k in ("log_every", "eval_every", "eval_batches", "num_samples",
                                                     "sample_max_new_tokens", "save_every")})  # fmt: skip
     check_choice("train.precision", t.precision, PRECISIONS)

@@ -115,6 +115,7 @@ def check_config(cfg) -> None:
     shared groups through `core.config.check_values`. The pipeline calls it at planning too."""
     if cfg.bench.workload is not None:  # experiment=bench: train.max_steps is bench.steps
         check_at_least(1, {"bench.steps": cfg.bench.steps})
+    check_at_least(1, {"train.max_steps": cfg.train.max_steps})  # no step: no PPO actor to export
     check_values(cfg, optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds"))
     f = cfg.frozen_ds  # no optimizer: its offload_optimizer is not read
     check_zero("frozen_ds", f.stage, offload_optimizer=False, offload_param=f.offload_param)

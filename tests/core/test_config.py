@@ -189,7 +189,7 @@ def test_every_stage_default_and_stage_experiment_passes_its_value_checks():
 
 @pytest.mark.parametrize(
     "override, message",
-    [("train.max_steps=0", "train.max_steps must be at least 1; got 0"),
+    [("train.max_steps=-1", "train.max_steps must be at least 0; got -1"),
      ("train.grad_accum_steps=0", "train.grad_accum_steps must be at least 1; got 0"),
      ("train.save_every=-5", "train.save_every must be at least 0; got -5"),
      ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),

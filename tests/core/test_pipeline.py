@@ -276,8 +276,8 @@ def test_a_value_out_of_range_in_a_later_stage_fails_at_planning_before_any_stag
             pipeline.Pipeline(cfg, tmp_path / "run", None).run()
         with pytest.raises(ConfigError, match=r"^reward.optim.betas\[1\] must be in \[0, 1\); got 1.5"):
             pipeline.compose_stage("reward", {"optim": {"betas": [0.9, 1.5]}}, {}, "/d")
-        with pytest.raises(ConfigError, match=r"^sft.train.max_steps must be at least 1; got 0"):
-            pipeline.compose_stage("sft", {"experiment": "quick", "train": {"max_steps": 0}}, {}, "/d")
+        with pytest.raises(ConfigError, match=r"^sft.train.max_steps must be at least 0; got -1"):
+            pipeline.compose_stage("sft", {"experiment": "quick", "train": {"max_steps": -1}}, {}, "/d")
         # the evaluation after PPO too: a judge that is not one, or the gold judge off the built-in task
         for overrides, message in ((["eval.judge=gld"], "eval.judge must be one of auto, gold, sentiment"),
                                    (["eval.judge=gold", "++ppo.experiment=imdb"], "eval.judge=gold needs the built-in"),
@@ -287,7 +287,7 @@ def test_a_value_out_of_range_in_a_later_stage_fails_at_planning_before_any_stag
                     hydra.compose("pipeline", overrides=overrides), tmp_path / "run", None
                 ).run()
         off = hydra.compose("pipeline", overrides=["eval.enabled=false", "eval.judge=gld", "pipeline.stages=[sft]",
-                                                  "++sft.train.max_steps=0"])  # fmt: skip
+                                                  "++sft.train.max_steps=-1"])  # fmt: skip
         with pytest.raises(ConfigError, match="^sft.train.max_steps"):  # the judge is not read when off
             pipeline.Pipeline(off, tmp_path / "run", None).run()
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
