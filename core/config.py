@@ -217,6 +217,25 @@ def check_zero(group: str, stage: int, offload_optimizer: bool, offload_param: b
         raise ConfigError(f"{group}.offload_optimizer needs ZeRO stage 1, 2 or 3")
 
 
+def check_global_batch(micro_batch_size_per_device: int, grad_accum_steps: int, world: int,
+                       global_batch_size: int | None) -> None:  # fmt: skip
+    """train.global_batch_size, when set, must be micro x accumulation x world size."""
+    derived = micro_batch_size_per_device * grad_accum_steps * world
+    if global_batch_size is not None and global_batch_size != derived:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch_size} but micro_batch_size_per_device "
+            f"({micro_batch_size_per_device}) x grad_accum_steps ({grad_accum_steps}) x world size ({world}) "
+            f"= {derived}; fix one of them or set train.global_batch_size=null"
+        )
+
+
+def check_world(cfg: Any, world: int) -> None:
+    """The shared settings that depend on the number of ranks, checked once it is known: the global
+    batch. (The pipeline calls each stage's `check_world` at planning when its launcher fixes the world.)"""
+    t = cfg.train
+    check_global_batch(t.micro_batch_size_per_device, t.grad_accum_steps, world, t.global_batch_size)
+
+
 def check_values(
     cfg: Any, *, optim: tuple[str, ...] = ("optim",), zero: tuple[str, ...] = ("deepspeed",)
 ) -> None:

@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from core import dist
-from core.config import ConfigError, check_zero, plain
+from core.config import ConfigError, check_global_batch, check_zero, plain
 from core.logging import find_secret
 from core.models import resolve_precision
 
@@ -64,13 +64,7 @@ def build_config(
     if micro_batch_size_per_device < 1 or grad_accum_steps < 1:
         raise ConfigError("train.micro_batch_size_per_device and train.grad_accum_steps must be >= 1")
     world = dist.world_size()
-    derived = micro_batch_size_per_device * grad_accum_steps * world
-    if global_batch_size is not None and global_batch_size != derived:
-        raise ConfigError(
-            f"train.global_batch_size={global_batch_size} but micro_batch_size_per_device "
-            f"({micro_batch_size_per_device}) x grad_accum_steps ({grad_accum_steps}) x world size ({world}) "
-            f"= {derived}; fix one of them or set train.global_batch_size=null"
-        )
+    check_global_batch(micro_batch_size_per_device, grad_accum_steps, world, global_batch_size)
     if secret := find_secret(plain(extra)):
         raise ConfigError(
             f"{group}.extra.{secret}: DeepSpeed prints its whole config in the log at start-up, so no "
@@ -108,7 +102,7 @@ def build_config(
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size_per_device,
         "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": derived,
+        "train_batch_size": micro_batch_size_per_device * grad_accum_steps * world,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},

@@ -406,6 +406,23 @@ def ranks_per_node(launcher: DictConfig) -> int | None:
     return (launcher.num_gpus or gpus) if gpus else launcher.num_procs
 
 
+def planned_world(launcher: DictConfig) -> int | None:
+    """The number of ranks a stage will run on, when this node's launcher settings fix it: None with a
+    hostfile, or launcher arguments that choose the devices or nodes themselves."""
+    chosen = ("--include", "--exclude", "--num_nodes", "--num_gpus", "--num_accelerators")
+    if launcher.hostfile or any(str(a).split("=")[0] in chosen for a in launcher.extra_args):
+        return None
+    return ranks_per_node(launcher) or 1
+
+
+def check_stage_world(stage: str, cfg: DictConfig, world: int) -> None:
+    """The stage's settings that depend on the number of ranks (`<stage>.config.check_world`), at planning."""
+    try:
+        importlib.import_module(f"{stage}.config").check_world(cfg, world)
+    except ConfigError as e:
+        raise ConfigError(f"{stage}.{e} (the launcher starts {world} rank(s))") from e
+
+
 def world_description(launcher: DictConfig) -> str:
     """The ranks a stage runs on, as its key counts them (`stage_key`)."""
     procs = ranks_per_node(launcher)
@@ -529,6 +546,7 @@ class Pipeline:
         keys: dict[str, str] = {}
         dirs: dict[str, Path] = {}
         plans = []
+        world = planned_world(self.cfg.launcher)
         for stage in self.stages:
             handoff = {role: str((dirs[up] / "export").resolve())
                        for role, up in HANDOFF.get(stage, {}).items() if up in dirs}  # fmt: skip
@@ -537,6 +555,8 @@ class Pipeline:
                 stage, OmegaConf.to_container(self.cfg[stage]), handoff, self.cfg.data_root
             )
             resolve_newest_exports(stage, stage_cfg)
+            if world is not None:
+                check_stage_world(stage, stage_cfg, world)
             keys[stage] = stage_key(stage, stage_cfg, inputs, handoff, world_description(self.cfg.launcher))
             dirs[stage] = self.stage_dir(stage, keys[stage])
             plans.append((stage, stage_cfg, inputs))

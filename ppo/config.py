@@ -26,6 +26,7 @@ from core.config import (
     check_values,
     check_zero,
 )
+from core.config import check_world as check_shared_world
 from ppo.kl import ESTIMATORS as KL_ESTIMATORS
 
 
@@ -160,3 +161,21 @@ def check_config(cfg) -> None:
             )
     if x.coef > 0:
         check_at_least(1, {"ptx.micro_batch_size_per_device": x.micro_batch_size_per_device})
+
+
+def check_world(cfg, world: int) -> None:
+    """The settings that depend on the number of ranks: the prompts split evenly over the ranks, each
+    rank's rollout into whole minibatches, and the global batch. The recipe's setup calls it, and the
+    pipeline at planning when its launcher fixes the world."""
+    r, t = cfg.rollout, cfg.train
+    if r.batch_size % world:
+        raise ConfigError(f"rollout.batch_size={r.batch_size} must be divisible by the world size {world}")
+    local_rollout = r.batch_size // world * r.samples_per_prompt  # sequences per rank
+    minibatch = t.micro_batch_size_per_device * t.grad_accum_steps  # per rank
+    if local_rollout % minibatch:
+        raise ConfigError(
+            f"rollout.batch_size / world size x rollout.samples_per_prompt = {local_rollout} sequences per "
+            f"rank must be a multiple of train.micro_batch_size_per_device x train.grad_accum_steps = "
+            f"{minibatch} (the minibatch)"
+        )
+    check_shared_world(cfg, world)

@@ -32,7 +32,7 @@ from data.formats import Message, load_prompts, opening, split_train_eval
 from data.templates import PromptFormatter
 from ppo import rollout as ro
 from ppo.advantages import RunningMoments, gae, masked_whiten, normalise_scores, token_rewards
-from ppo.config import check_config
+from ppo.config import check_config, check_world
 from ppo.kl import KLController, kl_estimate
 from ppo.loss import actor_loss, policy_loss, value_loss
 from ppo.ptx import PtxData
@@ -177,19 +177,10 @@ class PPORecipe:
         self.train_ids = [self._encode_prompt(p) for p in train_prompts]
         self.eval_ids = [self._encode_prompt(p) for p in eval_prompts]
         r, t = c.rollout, c.train
-        if r.batch_size % self.world:
-            raise ConfigError(
-                f"rollout.batch_size={r.batch_size} must be divisible by the world size {self.world}"
-            )
+        check_world(c, self.world)
         self.local_batch = r.batch_size // self.world  # prompts per rank
         self.local_rollout = self.local_batch * r.samples_per_prompt  # sequences per rank
         self.minibatch = t.micro_batch_size_per_device * t.grad_accum_steps  # per rank
-        if self.local_rollout % self.minibatch:
-            raise ConfigError(
-                f"rollout.batch_size / world size x rollout.samples_per_prompt = {self.local_rollout} sequences per "
-                f"rank must be a multiple of train.micro_batch_size_per_device x train.grad_accum_steps = "
-                f"{self.minibatch} (the minibatch)"
-            )
         self.prompt_batches = GlobalBatches(len(self.train_ids), self.local_batch, 1, self.world, t.seed,
                                             knobs="rollout.batch_size")  # fmt: skip
         self.ptx = (

@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from core.config import StageConfig, check_at_least, check_values
+from core.config import check_world as check_shared_world
 
 
 @dataclass
@@ -34,3 +35,9 @@ def check_config(cfg) -> None:
     anything loads; the pipeline calls it at planning too."""
     check_values(cfg)
     check_at_least(0, {"loss.center_coef": cfg.loss.center_coef})
+
+
+def check_world(cfg, world: int) -> None:
+    """The settings that depend on the number of ranks (the global batch); the pipeline calls it at
+    planning when its launcher fixes the world, the stage's DeepSpeed config at start-up."""
+    check_shared_world(cfg, world)

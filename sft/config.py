@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 
 from core.config import StageConfig, check_values
+from core.config import check_world as check_shared_world
 
 
 @dataclass
@@ -25,3 +26,9 @@ def check_config(cfg) -> None:
     """The ranges and choices of the shared groups (`core.config.check_values`), before anything loads;
     the pipeline calls it at planning too."""
     check_values(cfg)
+
+
+def check_world(cfg, world: int) -> None:
+    """The settings that depend on the number of ranks (the global batch); the pipeline calls it at
+    planning when its launcher fixes the world, the stage's DeepSpeed config at start-up."""
+    check_shared_world(cfg, world)

@@ -293,6 +293,34 @@ def test_a_value_out_of_range_in_a_later_stage_fails_at_planning_before_any_stag
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
 
 
+def test_batch_sizes_that_do_not_fit_the_launchers_ranks_fail_at_planning(tmp_path):
+    """What PPO's setup checks against the world size (the prompts split evenly over the ranks, each
+    rank's rollout into whole minibatches) and the global batch of any stage, before SFT trains."""
+    launcher = {"num_gpus": None, "num_procs": 2, "hostfile": None, "master_port": None, "extra_args": []}
+    assert pipeline.planned_world(OmegaConf.create(launcher)) == 2
+    assert (
+        pipeline.planned_world(OmegaConf.create({**launcher, "hostfile": "hosts"})) is None
+    )  # nodes unknown here
+    assert (
+        pipeline.planned_world(OmegaConf.create({**launcher, "extra_args": ["--include", "localhost:0"]}))
+        is None
+    )
+    assert pipeline.planned_world(OmegaConf.create({**launcher, "num_procs": 1})) == 1
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        for overrides, message in (
+            (["launcher.num_procs=2", "++ppo.rollout.batch_size=63"],
+             r"^ppo.rollout.batch_size=63 must be divisible by the world size 2 \(the launcher starts 2 rank"),
+            (["++ppo.train.micro_batch_size_per_device=48"],
+             r"^ppo.rollout.batch_size / world size x rollout.samples_per_prompt = 64 sequences per rank must be"),
+            (["++sft.train.global_batch_size=999"], r"^sft.train.global_batch_size=999 but micro_batch_size"),
+        ):  # fmt: skip
+            with pytest.raises(ConfigError, match=message):
+                pipeline.Pipeline(
+                    hydra.compose("pipeline", overrides=overrides), tmp_path / "run", None
+                ).run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stage_that_stops_on_a_setting_stops_the_pipeline_with_its_message(tmp_path, monkeypatch):
     """A stage's exit 2 (core.cli.reported: a setting to fix, found only when it ran) becomes the
     pipeline's own ConfigError, with the stage's log tail, so `rlhf pipeline` ends the same way."""

@@ -10,7 +10,7 @@ from core.config import ConfigError
 from data.builtin.tokenizer import build_tokenizer
 from data.formats import Message
 from data.templates import PromptFormatter
-from ppo.config import check_config
+from ppo.config import check_config, check_world
 from ppo.train import PPORecipe, eval_batches
 from tests.conftest import ROOT
 
@@ -91,6 +91,18 @@ def test_values_at_the_edges_of_their_ranges_pass():
                      "ptx.coef=0", "ptx.micro_batch_size_per_device=0"))  # fmt: skip
     with pytest.raises(ConfigError, match="ptx.micro_batch_size_per_device must be at least 1; got 0"):
         check_config(cfg("ptx.coef=0.5", "ptx.micro_batch_size_per_device=0"))  # read only when ptx is on
+
+
+def test_batch_sizes_are_checked_against_the_world_size():
+    check_world(cfg(), 1)
+    check_world(cfg(), 2)  # 64 prompts: 32 per rank, one minibatch of 32
+    with pytest.raises(ConfigError, match="rollout.batch_size=64 must be divisible by the world size 3"):
+        check_world(cfg(), 3)
+    with pytest.raises(ConfigError, match="= 16 sequences per rank must be a multiple of .* = 32"):
+        check_world(cfg("rollout.batch_size=32"), 2)
+    check_world(cfg("rollout.batch_size=32", "rollout.samples_per_prompt=2"), 2)  # 32 sequences per rank
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=32 but .* x world size \(2\) = 64"):
+        check_world(cfg("train.global_batch_size=32"), 2)
 
 
 def test_setup_checks_the_values_before_loading_anything():
