@@ -176,6 +176,11 @@ def load_model(
         # whole, as transformers' ZeRO-3 loading takes no state dict either: ZeRO-3 partitions it in its engine
         from core import deepspeed as ds  # core.deepspeed imports this module
 
+        if type(config) not in MAPPINGS[head]:  # a custom-code architecture: no class to build it from here
+            raise ModelError(
+                f"{name_or_path}: a LoRA export of a {type(config).__name__} model, which transformers cannot "
+                f"build without its own code; export it merged (peft.merge_on_export=true in its run)"
+            )
         with ds.zero3_init_disabled():
             model = MAPPINGS[head][type(config)].from_pretrained(
                 None, config=config, state_dict=state, **kwargs

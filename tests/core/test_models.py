@@ -219,7 +219,7 @@ def test_weights_load_from_safetensors_only(tmp_path):
     assert "safetensors" not in str(err.value) and "no such repo" in str(err.value)
 
 
-def test_a_lora_export_loads_as_its_adapters_merged_into_the_base(tmp_path):
+def test_a_lora_export_loads_as_its_adapters_merged_into_the_base(tmp_path, monkeypatch):
     """The layout `export_model` writes for a LoRA run (adapter + tokenizer, base/ when the base was built
     from a config) loads as the model that run trained, for the next stage (PPO from a LoRA SFT export)."""
     tok = load_tokenizer("builtin", None, trust_remote_code=False)
@@ -245,6 +245,13 @@ def test_a_lora_export_loads_as_its_adapters_merged_into_the_base(tmp_path):
     assert (want - base).abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert type(critic).__name__ == "LlamaForSequenceClassification"
+    # an architecture transformers has no class for (custom code): a clear error, not a KeyError
+    from core import models as core_models
+
+    monkeypatch.setitem(core_models.MAPPINGS, "lm", {})
+    with pytest.raises(ModelError, match="a LoRA export of a LlamaConfig model.*peft.merge_on_export=true"):
+        load_model(str(export), {}, tok, "fp32")
+    monkeypatch.undo()
     (export / "adapter_model.safetensors").rename(export / "adapter_model.bin")
     with pytest.raises(ModelError, match="a peft adapter without adapter_model.safetensors"):
         load_model(str(export), {}, tok, "fp32")
