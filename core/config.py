@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from data.formats import STAGE_FORMATS
 from data.templates import CHAT_TEMPLATE_MODES
 
 
@@ -193,6 +194,12 @@ LOGGER_MODES = ("auto", "online", "offline", "disabled")
 def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_format(key: str, value: str | None, stage: str) -> None:
+    """A data format name the stage reads (`data.formats.STAGE_FORMATS`); null (detect) passes."""
+    if value is not None:
+        check_choice(key, value, STAGE_FORMATS[stage])
 
 
 def check_at_least(minimum: int, values: dict[str, int | float]) -> None:

@@ -673,6 +673,16 @@ def detect_prompt_format(row: Any, where: str) -> str:
                     f"{sorted(PROMPT_FORMATS)}")  # fmt: skip
 
 
+# data.format values each stage reads (null: detected from the first record). `imdb` is the IMDB task's
+# own (data/imdb.py); PPO's prompts come from any prompt-bearing format, by its own name or prefixed.
+STAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": (*SFT_FORMATS, "imdb"),
+    "reward": (*PREFERENCE_FORMATS, "imdb"),
+    "ppo": (*PROMPT_FORMATS, *(n for n in SFT_FORMATS if n != "prompt"), *PREFERENCE_FORMATS, "imdb"),
+    "ptx": tuple(SFT_FORMATS),  # PPO-ptx's demonstrations (ppo/ptx.py)
+}
+
+
 def load_prompts(
     paths: str | list[str], fmt: str | None, *, on_error: str = "raise", split: str = "train"
 ) -> tuple[list[tuple[Message, ...]], LoadReport]:

@@ -22,6 +22,7 @@ from core.config import (
     TrainConfig,
     check_at_least,
     check_choice,
+    check_format,
     check_in,
     check_values,
     check_zero,
@@ -118,6 +119,8 @@ def check_config(cfg) -> None:
         check_at_least(1, {"bench.steps": cfg.bench.steps})
     check_at_least(1, {"train.max_steps": cfg.train.max_steps})  # no step: no PPO actor to export
     check_values(cfg, optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds"))
+    check_format("data.format", cfg.data.format, "ppo")
+    check_format("ptx.format", cfg.ptx.format, "ptx")
     f = cfg.frozen_ds  # no optimizer: its offload_optimizer is not read
     check_zero("frozen_ds", f.stage, offload_optimizer=False, offload_param=f.offload_param)
     p, r, x = cfg.ppo, cfg.rollout, cfg.ptx

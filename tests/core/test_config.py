@@ -167,24 +167,34 @@ def compose_any(stage, *overrides):
         return compose(stage, overrides=list(overrides))
 
 
+# The stage experiments and the stages they are for (each file's header names them); the pipeline
+# experiments are checked at planning in test_pipeline.
+STAGE_EXPERIMENTS = {"quick": ("sft", "reward", "ppo"), "imdb": ("sft", "reward", "ppo"),
+                     "alpaca_stories": ("sft",), "hh_stories": ("reward",), "bench": ("ppo",)}  # fmt: skip
+
+
 def test_every_stage_default_and_stage_experiment_passes_its_value_checks():
     """The checks refuse nothing the project ships: each stage's defaults and every stage experiment
-    that composes for it (the pipeline experiments are checked at planning in test_pipeline)."""
+    for the stages it is for."""
     import importlib
 
-    checked = 0
+    composing = set()
     for stage in ("sft", "reward", "ppo"):
         check = importlib.import_module(f"{stage}.config").check_config
         check(compose_any(stage))
         for experiment in sorted(Path(CONF, "experiment").glob("*.yaml")):
             try:
-                bench = ["bench.workload=wl", "bench.steps=2"] if experiment.stem == "bench" else []
-                cfg = compose_any(stage, f"experiment={experiment.stem}", *bench)
+                bench = ["bench.workload=wl", "bench.steps=2"] if stage == "ppo" else []
+                compose_any(stage, f"experiment={experiment.stem}", *bench)
             except ConfigCompositionException:  # another stage's (or the pipeline's) experiment
                 continue
-            check(cfg)
-            checked += 1
-    assert checked >= 10
+            composing.add(experiment.stem)
+        for experiment, stages in STAGE_EXPERIMENTS.items():
+            if stage in stages:
+                bench = ["bench.workload=wl", "bench.steps=2"] if experiment == "bench" else []
+                check(compose_any(stage, f"experiment={experiment}", *bench))
+    # a new stage experiment is listed above with its stages
+    assert composing == set(STAGE_EXPERIMENTS), composing ^ set(STAGE_EXPERIMENTS)
 
 
 @pytest.mark.parametrize(
@@ -215,6 +225,44 @@ def test_shared_values_out_of_range_are_refused_naming_the_key(override, message
 
     with pytest.raises(ConfigError, match=message):
         check_values(sft_cfg(*override.split()))
+
+
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [("sft", "data.format=hh", "data.format must be one of alpaca, messages, sharegpt, prompt, imdb; got 'hh'"),
+     ("reward", "data.format=alpaca", "data.format must be one of pairwise, hh, sharegpt_pairs, ranked, imdb"),
+     ("ppo", "data.format=pref:hhh", "data.format must be one of prompt, sft:alpaca, .*; got 'pref:hhh'"),
+     ("ppo", "ptx.format=imdb", "ptx.format must be one of alpaca, messages, sharegpt, prompt; got 'imdb'")],
+)  # fmt: skip
+def test_a_data_format_the_stage_cannot_read_is_refused_before_loading(stage, override, message):
+    """Before, a misspelt or another stage's format failed only once the stage started reading its data
+    (inside the pipeline: after the stages before it had run)."""
+    import importlib
+
+    from core.config import ConfigError
+
+    check = importlib.import_module(f"{stage}.config").check_config
+    with pytest.raises(ConfigError, match=message):
+        check(compose_any(stage, override))
+
+
+@pytest.mark.parametrize(
+    "stage, formats",
+    [("sft", ["alpaca", "prompt", "imdb", "null"]), ("reward", ["hh", "ranked", "imdb", "null"]),
+     ("ppo", ["prompt", "alpaca", "sft:sharegpt", "hh", "pref:pairwise", "imdb", "null"])],
+)  # fmt: skip
+def test_every_format_a_stage_reads_passes(stage, formats):
+    import importlib
+
+    from data import formats as data_formats
+
+    check = importlib.import_module(f"{stage}.config").check_config
+    for fmt in formats:
+        check(compose_any(stage, f"data.format={fmt}"))
+    # the names the check takes are the loaders' own
+    reads = {"sft": data_formats.SFT_FORMATS, "reward": data_formats.PREFERENCE_FORMATS,
+             "ppo": data_formats.PROMPT_FORMATS}[stage]  # fmt: skip
+    assert set(reads) <= set(data_formats.STAGE_FORMATS[stage])
 
 
 def test_an_eval_file_frees_eval_fraction_and_lora_values_count_only_with_lora():

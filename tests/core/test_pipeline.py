@@ -278,6 +278,10 @@ def test_a_value_out_of_range_in_a_later_stage_fails_at_planning_before_any_stag
             pipeline.compose_stage("reward", {"optim": {"betas": [0.9, 1.5]}}, {}, "/d")
         with pytest.raises(ConfigError, match=r"^sft.train.max_steps must be at least 0; got -1"):
             pipeline.compose_stage("sft", {"experiment": "quick", "train": {"max_steps": -1}}, {}, "/d")
+        # a data format the stage cannot read (PPO would have failed on it after SFT and the reward model)
+        with pytest.raises(ConfigError, match=r"^ppo.data.format must be one of prompt, .*; got 'hh_rlhf'"):
+            pipeline.Pipeline(hydra.compose("pipeline", overrides=["++ppo.data.format=hh_rlhf"]),
+                              tmp_path / "run", None).run()  # fmt: skip
         # the evaluation after PPO too: a judge that is not one, or the gold judge off the built-in task
         for overrides, message in ((["eval.judge=gld"], "eval.judge must be one of auto, gold, sentiment"),
                                    (["eval.judge=gold", "++ppo.experiment=imdb"], "eval.judge=gold needs the built-in"),
@@ -325,8 +329,12 @@ def test_a_stage_that_stops_on_a_setting_stops_the_pipeline_with_its_message(tmp
     """A stage's exit 2 (core.cli.reported: a setting to fix, found only when it ran) becomes the
     pipeline's own ConfigError, with the stage's log tail, so `rlhf pipeline` ends the same way."""
 
-    def run(cmd, env, stdout, stderr):
-        stdout.write("[sft][ERROR] - data.path: no such file\n")
+    real_run = subprocess.run
+
+    def run(cmd, *args, **kwargs):
+        if "sft" not in cmd:  # not the stage's command: a library probing the machine on first use
+            return real_run(cmd, *args, **kwargs)
+        kwargs["stdout"].write("[sft][ERROR] - data.path: no such file\n")
         return subprocess.CompletedProcess(cmd, 2)
 
     monkeypatch.setattr(pipeline.subprocess, "run", run)
