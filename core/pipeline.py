@@ -396,23 +396,59 @@ def stage_lock(stage_dir: Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------- launching
 
 
-def ranks_per_node(launcher: DictConfig) -> int | None:
-    """Processes per node the launcher starts for a stage; None: one plain process, no launcher."""
+def _gpus() -> int:
     import torch
 
-    gpus = torch.cuda.device_count()
+    return torch.cuda.device_count()
+
+
+def ranks_per_node(launcher: DictConfig) -> int | None:
+    """Processes per node the launcher starts for a stage; None: one plain process, no launcher."""
+    gpus = _gpus()
     if not gpus and launcher.num_procs <= 1 and not launcher.hostfile:
         return None
     return (launcher.num_gpus or gpus) if gpus else launcher.num_procs
 
 
+# DeepSpeed's launcher arguments that choose the devices themselves: it refuses --num_gpus beside them
+DEVICE_FILTERS = ("--include", "--exclude")
+
+
+def launcher_args(launcher: DictConfig, procs: int, master_port: int | None = None) -> list[str]:
+    """The `deepspeed` launcher's arguments for a stage (before `--module`): ranks per node, hostfile,
+    port and `launcher.extra_args`. Without --num_gpus where it would be wrong: beside --include or
+    --exclude (the launcher refuses both), and on one node whose GPUs CUDA_VISIBLE_DEVICES picks with
+    `launcher.num_gpus` null, where the launcher itself runs on every GPU that variable names (given
+    --num_gpus N it would take GPUs 0..N-1 whatever the variable says)."""
+    extra = [str(a) for a in launcher.extra_args]
+    filtered = any(a.split("=")[0] in DEVICE_FILTERS for a in extra)
+    picked = (
+        bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and launcher.num_gpus is None and not launcher.hostfile
+    )
+    args = [] if filtered or (picked and _gpus()) else ["--num_gpus", str(procs)]
+    if launcher.hostfile:
+        args += ["--hostfile", launcher.hostfile]
+    if master_port is not None:
+        args += ["--master_port", str(master_port)]
+    return [*args, *extra]
+
+
 def planned_world(launcher: DictConfig) -> int | None:
-    """The number of ranks a stage will run on, when this node's launcher settings fix it: None with a
-    hostfile, or launcher arguments that choose the devices or nodes themselves."""
-    chosen = ("--include", "--exclude", "--num_nodes", "--num_gpus", "--num_accelerators")
-    if launcher.hostfile or any(str(a).split("=")[0] in chosen for a in launcher.extra_args):
-        return None
-    return ranks_per_node(launcher) or 1
+    """The number of ranks a stage will run on, as DeepSpeed's launcher counts them from the stage's
+    launcher arguments (`core.deepspeed.launcher_world`: hostfile slots, --include/--exclude,
+    --num_nodes, --num_gpus); None where it cannot be told here (the stages check their batch sizes
+    when they start). A hostfile that is not there is refused: the launcher would run on this node alone."""
+    procs = ranks_per_node(launcher)
+    if procs is None:
+        return 1  # a plain `python -m <stage>`
+    if launcher.hostfile and not os.path.isfile(launcher.hostfile):
+        raise ConfigError(
+            f"launcher.hostfile={launcher.hostfile}: no such file (DeepSpeed's launcher would run every "
+            "stage on this node alone)"
+        )
+    from core import deepspeed as ds
+
+    return ds.launcher_world(launcher_args(launcher, procs))
 
 
 def check_stage_world(stage: str, cfg: DictConfig, world: int) -> None:
@@ -440,11 +476,9 @@ def stage_command(stage: str, stage_dir: Path, launcher: DictConfig) -> list[str
     procs = ranks_per_node(launcher)
     if procs is None:
         return [sys.executable, "-m", stage, *args]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs)]
-    if launcher.hostfile:
-        cmd += ["--hostfile", launcher.hostfile]
-    cmd += ["--master_port", str(launcher.master_port or dist.free_port()), *launcher.extra_args]
-    return [*cmd, "--module", stage, *args]
+    port = launcher.master_port or dist.free_port()
+    return [str(Path(sys.executable).parent / "deepspeed"), *launcher_args(launcher, procs, port), "--module", stage,
+            *args]  # fmt: skip
 
 
 def _child_env() -> dict[str, str]:

@@ -302,13 +302,6 @@ def test_batch_sizes_that_do_not_fit_the_launchers_ranks_fail_at_planning(tmp_pa
     rank's rollout into whole minibatches) and the global batch of any stage, before SFT trains."""
     launcher = {"num_gpus": None, "num_procs": 2, "hostfile": None, "master_port": None, "extra_args": []}
     assert pipeline.planned_world(OmegaConf.create(launcher)) == 2
-    assert (
-        pipeline.planned_world(OmegaConf.create({**launcher, "hostfile": "hosts"})) is None
-    )  # nodes unknown here
-    assert (
-        pipeline.planned_world(OmegaConf.create({**launcher, "extra_args": ["--include", "localhost:0"]}))
-        is None
-    )
     assert pipeline.planned_world(OmegaConf.create({**launcher, "num_procs": 1})) == 1
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         for overrides, message in (
@@ -323,6 +316,54 @@ def test_batch_sizes_that_do_not_fit_the_launchers_ranks_fail_at_planning(tmp_pa
                     hydra.compose("pipeline", overrides=overrides), tmp_path / "run", None
                 ).run()
     assert not (tmp_path / "run").exists()
+
+
+def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path, monkeypatch):
+    """With a hostfile or device filters the ranks are counted by DeepSpeed's own launcher functions from
+    the stage's launcher arguments, so a batch that does not fit them stops at planning too (before, a
+    hostfile left every such check to the stages' start, after the stages before them had trained)."""
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
+    launcher = {
+        "num_gpus": None,
+        "num_procs": 2,
+        "hostfile": str(hosts),
+        "master_port": None,
+        "extra_args": [],
+    }
+
+    def world(**changes):
+        return pipeline.planned_world(OmegaConf.create({**launcher, **changes}))
+
+    assert world() == 4  # --num_gpus 2 on each of the two nodes
+    assert world(extra_args=["--num_nodes", "1"]) == 2
+    assert world(extra_args=["--include", "node-b:0,1,2"]) == 3  # the filter, not --num_gpus, picks the slots
+    assert world(extra_args=["--exclude", "node-a"]) == 8
+    assert world(hostfile=None, extra_args=["--include", "localhost:0"]) == 1  # this node's devices
+    for changes, message in (
+        ({"extra_args": ["--include", "node-c"]}, "Hostname 'node-c' not found in hostfile"),
+        ({"extra_args": ["--include", "node-a:9"]}, "No slot '9' specified on host 'node-a'"),
+        ({"extra_args": ["--include", "node-a", "--num_nodes", "1"]}, "not both"),
+        ({"hostfile": str(tmp_path / "missing")}, "launcher.hostfile=.*missing: no such file"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            world(**changes)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra.compose("pipeline", overrides=[f"launcher.hostfile={hosts}", "launcher.num_procs=2",
+                                                   "++ppo.rollout.batch_size=66"])  # fmt: skip
+        with pytest.raises(ConfigError, match=r"divisible by the world size 4 \(the launcher starts 4 rank"):
+            pipeline.Pipeline(cfg, tmp_path / "run", None).run()
+    assert not (tmp_path / "run").exists()
+    # one GPU node that CUDA_VISIBLE_DEVICES narrows: the launcher must not get --num_gpus, which would
+    # put the ranks on GPUs 0..N-1 whatever the variable names; it runs on the named ones itself
+    monkeypatch.setattr(pipeline, "_gpus", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    gpu = OmegaConf.create({**launcher, "hostfile": None})
+    assert "--num_gpus" not in pipeline.launcher_args(gpu, 4)
+    assert pipeline.launcher_args(OmegaConf.create({**launcher, "hostfile": None, "num_gpus": 2}), 2)[:2] == [
+        "--num_gpus", "2"]  # fmt: skip
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pipeline.launcher_args(gpu, 4)[:2] == ["--num_gpus", "4"]
 
 
 def test_a_stage_that_stops_on_a_setting_stops_the_pipeline_with_its_message(tmp_path, monkeypatch):
