@@ -489,25 +489,35 @@ def save_checkpoint(engine, save_dir: str, tag: str) -> None:
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
 
 
+def launcher_options(args: list[str]):
+    """The `deepspeed` launcher's arguments `args` (before the script) as its own parser reads them."""
+    from deepspeed.launcher import runner
+
+    try:
+        return runner.parse_args([*args, "stage"])
+    except SystemExit as e:  # argparse has printed what it did not take
+        raise ConfigError(f"the deepspeed launcher does not take the arguments {' '.join(args)}") from e
+
+
 def launcher_world(launcher_args: list[str]) -> int | None:
     """How many ranks `deepspeed <launcher_args> --module ...` starts, counted with the launcher's own
     functions in the order its `main` applies them: the hostfile's hosts and slots (this node's devices
     when there is no hostfile), then --include / --exclude, then --num_nodes and --num_gpus. Raises
-    ConfigError where the launcher would stop on them; None where it cannot be told from here (a
-    DeepSpeed without `apply_num_nodes_and_gpus`, or a device filter on a node whose visible devices
-    CUDA_VISIBLE_DEVICES narrows: the launcher drops that variable and counts every device)."""
+    ConfigError where the launcher would stop on them. None where it cannot be told from here: a
+    DeepSpeed without `apply_num_nodes_and_gpus` (its trimming was inline in `main` before), or one node
+    with CUDA_VISIBLE_DEVICES set (the launcher rewrites or drops that variable before counting)."""
     from deepspeed.launcher import runner
 
     if not hasattr(runner, "apply_num_nodes_and_gpus"):
         return None
-    args = runner.parse_args([*launcher_args, "stage"])
+    args = launcher_options(launcher_args)
     where = f"the deepspeed launcher's arguments {' '.join(launcher_args)}"
     if (args.include or args.exclude) and (args.num_nodes >= 0 or args.num_gpus >= 0):
         raise ConfigError(f"{where}: it takes --include / --exclude or --num_nodes / --num_gpus, not both")
     try:
         if os.path.isfile(args.hostfile):
             pool = runner.fetch_hostfile(args.hostfile)
-        elif (args.include or args.exclude) and os.environ.get(get_accelerator().visible_devices_envs()[0]):
+        elif os.environ.get(get_accelerator().visible_devices_envs()[0]):
             return None
         else:  # no hostfile: this node's devices
             pool = {"localhost": get_accelerator().device_count()}

@@ -410,34 +410,49 @@ def ranks_per_node(launcher: DictConfig) -> int | None:
     return (launcher.num_gpus or gpus) if gpus else launcher.num_procs
 
 
-# DeepSpeed's launcher arguments that choose the devices themselves: it refuses --num_gpus beside them
-DEVICE_FILTERS = ("--include", "--exclude")
+def _visible_gpus_picked(launcher: DictConfig, options) -> bool:
+    """One GPU node whose GPUs CUDA_VISIBLE_DEVICES picks by number, with nothing else choosing them
+    (`launcher.num_gpus` null, no hostfile; `options`: the extra launcher arguments as DeepSpeed reads
+    them, or None). DeepSpeed's launcher then runs on exactly those GPUs itself, where `--num_gpus N`
+    would make it drop the variable and take GPUs 0..N-1."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    numbers = bool(visible) and all(d.strip().isdigit() for d in visible.split(","))  # not GPU/MIG UUIDs
+    free = options is None or (
+        not (options.include or options.exclude) and options.num_nodes < 0 and options.num_gpus < 0
+    )
+    return numbers and free and launcher.num_gpus is None and not launcher.hostfile and _gpus() > 0
+
+
+def _extra_options(launcher: DictConfig):
+    """`launcher.extra_args` as DeepSpeed's launcher reads them (None when there are none)."""
+    if not launcher.extra_args:
+        return None
+    from core import deepspeed as ds
+
+    return ds.launcher_options([str(a) for a in launcher.extra_args])
 
 
 def launcher_args(launcher: DictConfig, procs: int, master_port: int | None = None) -> list[str]:
     """The `deepspeed` launcher's arguments for a stage (before `--module`): ranks per node, hostfile,
     port and `launcher.extra_args`. Without --num_gpus where it would be wrong: beside --include or
-    --exclude (the launcher refuses both), and on one node whose GPUs CUDA_VISIBLE_DEVICES picks with
-    `launcher.num_gpus` null, where the launcher itself runs on every GPU that variable names (given
-    --num_gpus N it would take GPUs 0..N-1 whatever the variable says)."""
-    extra = [str(a) for a in launcher.extra_args]
-    filtered = any(a.split("=")[0] in DEVICE_FILTERS for a in extra)
-    picked = (
-        bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and launcher.num_gpus is None and not launcher.hostfile
-    )
-    args = [] if filtered or (picked and _gpus()) else ["--num_gpus", str(procs)]
+    --exclude (the launcher refuses both), and where CUDA_VISIBLE_DEVICES picks the GPUs
+    (`_visible_gpus_picked`)."""
+    options = _extra_options(launcher)
+    filtered = options is not None and bool(options.include or options.exclude)
+    args = [] if filtered or _visible_gpus_picked(launcher, options) else ["--num_gpus", str(procs)]
     if launcher.hostfile:
         args += ["--hostfile", launcher.hostfile]
     if master_port is not None:
         args += ["--master_port", str(master_port)]
-    return [*args, *extra]
+    return [*args, *(str(a) for a in launcher.extra_args)]
 
 
 def planned_world(launcher: DictConfig) -> int | None:
-    """The number of ranks a stage will run on, as DeepSpeed's launcher counts them from the stage's
-    launcher arguments (`core.deepspeed.launcher_world`: hostfile slots, --include/--exclude,
-    --num_nodes, --num_gpus); None where it cannot be told here (the stages check their batch sizes
-    when they start). A hostfile that is not there is refused: the launcher would run on this node alone."""
+    """The number of ranks a stage will run on. With a hostfile or launcher arguments of its own, as
+    DeepSpeed's launcher counts them from the stage's launcher arguments (`core.deepspeed.launcher_world`:
+    hostfile slots, --include/--exclude, --num_nodes, --num_gpus); None where that cannot be told here
+    (the stages check their batch sizes when they start). A hostfile that is not there is refused: the
+    launcher would run every stage on this node alone."""
     procs = ranks_per_node(launcher)
     if procs is None:
         return 1  # a plain `python -m <stage>`
@@ -446,6 +461,8 @@ def planned_world(launcher: DictConfig) -> int | None:
             f"launcher.hostfile={launcher.hostfile}: no such file (DeepSpeed's launcher would run every "
             "stage on this node alone)"
         )
+    if not launcher.hostfile and not launcher.extra_args:
+        return procs  # this node: --num_gpus procs, or the procs GPUs CUDA_VISIBLE_DEVICES names
     from core import deepspeed as ds
 
     return ds.launcher_world(launcher_args(launcher, procs))
@@ -464,7 +481,13 @@ def world_description(launcher: DictConfig) -> str:
     procs = ranks_per_node(launcher)
     if procs is None:
         return "1"
-    return f"{procs} per node" + (f", nodes of {launcher.hostfile}" if launcher.hostfile else "")
+    text = f"{procs} per node" + (f", nodes of {launcher.hostfile}" if launcher.hostfile else "")
+    options = _extra_options(launcher)  # the extra launcher arguments that choose devices or nodes
+    if options is not None:
+        chosen = {"include": options.include, "exclude": options.exclude, "num_nodes": options.num_nodes,
+                  "num_gpus": options.num_gpus}  # fmt: skip
+        text += "".join(f", {k}={v}" for k, v in chosen.items() if v not in ("", -1))
+    return text
 
 
 def stage_command(stage: str, stage_dir: Path, launcher: DictConfig) -> list[str]:

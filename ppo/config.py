@@ -119,8 +119,10 @@ def check_config(cfg) -> None:
         check_at_least(1, {"bench.steps": cfg.bench.steps})
     check_at_least(1, {"train.max_steps": cfg.train.max_steps})  # no step: no PPO actor to export
     check_values(cfg, optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds"))
-    check_format("data.format", cfg.data.format, "ppo")
-    check_format("ptx.format", cfg.ptx.format, "ptx")
+    if cfg.data.path != "builtin":  # the built-in task reads no format
+        check_format("data.format", cfg.data.format, "ppo")
+    if cfg.ptx.coef > 0 and cfg.ptx.path != "builtin":
+        check_format("ptx.format", cfg.ptx.format, "ptx")
     f = cfg.frozen_ds  # no optimizer: its offload_optimizer is not read
     check_zero("frozen_ds", f.stage, offload_optimizer=False, offload_param=f.offload_param)
     p, r, x = cfg.ppo, cfg.rollout, cfg.ptx

@@ -34,7 +34,8 @@ def check_config(cfg) -> None:
     """The ranges and choices of the shared groups (`core.config.check_values`) and the loss's, before
     anything loads; the pipeline calls it at planning too."""
     check_values(cfg)
-    check_format("data.format", cfg.data.format, "reward")
+    if cfg.data.path != "builtin":  # the built-in task reads no format
+        check_format("data.format", cfg.data.format, "reward")
     check_at_least(0, {"loss.center_coef": cfg.loss.center_coef})
 
 

@@ -26,7 +26,8 @@ def check_config(cfg) -> None:
     """The ranges and choices of the shared groups (`core.config.check_values`), before anything loads;
     the pipeline calls it at planning too."""
     check_values(cfg)
-    check_format("data.format", cfg.data.format, "sft")
+    if cfg.data.path != "builtin":  # the built-in task reads no format
+        check_format("data.format", cfg.data.format, "sft")
 
 
 def check_world(cfg, world: int) -> None:

@@ -280,8 +280,10 @@ def test_a_value_out_of_range_in_a_later_stage_fails_at_planning_before_any_stag
             pipeline.compose_stage("sft", {"experiment": "quick", "train": {"max_steps": -1}}, {}, "/d")
         # a data format the stage cannot read (PPO would have failed on it after SFT and the reward model)
         with pytest.raises(ConfigError, match=r"^ppo.data.format must be one of prompt, .*; got 'hh_rlhf'"):
-            pipeline.Pipeline(hydra.compose("pipeline", overrides=["++ppo.data.format=hh_rlhf"]),
-                              tmp_path / "run", None).run()  # fmt: skip
+            bad = hydra.compose(
+                "pipeline", overrides=["++ppo.data.path=prompts.jsonl", "++ppo.data.format=hh_rlhf"]
+            )
+            pipeline.Pipeline(bad, tmp_path / "run", None).run()
         # the evaluation after PPO too: a judge that is not one, or the gold judge off the built-in task
         for overrides, message in ((["eval.judge=gld"], "eval.judge must be one of auto, gold, sentiment"),
                                    (["eval.judge=gold", "++ppo.experiment=imdb"], "eval.judge=gold needs the built-in"),
@@ -340,11 +342,16 @@ def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path,
     assert world(extra_args=["--include", "node-b:0,1,2"]) == 3  # the filter, not --num_gpus, picks the slots
     assert world(extra_args=["--exclude", "node-a"]) == 8
     assert world(hostfile=None, extra_args=["--include", "localhost:0"]) == 1  # this node's devices
+    assert world(hostfile=None, extra_args=["-i", "localhost:0"]) == 1  # as DeepSpeed's parser reads them
     for changes, message in (
         ({"extra_args": ["--include", "node-c"]}, "Hostname 'node-c' not found in hostfile"),
         ({"extra_args": ["--include", "node-a:9"]}, "No slot '9' specified on host 'node-a'"),
         ({"extra_args": ["--include", "node-a", "--num_nodes", "1"]}, "not both"),
         ({"hostfile": str(tmp_path / "missing")}, "launcher.hostfile=.*missing: no such file"),
+        (
+            {"extra_args": ["--num_nodez", "1"]},
+            "the deepspeed launcher does not take the arguments --num_nodez 1",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
             world(**changes)
@@ -362,8 +369,25 @@ def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path,
     assert "--num_gpus" not in pipeline.launcher_args(gpu, 4)
     assert pipeline.launcher_args(OmegaConf.create({**launcher, "hostfile": None, "num_gpus": 2}), 2)[:2] == [
         "--num_gpus", "2"]  # fmt: skip
+    # not where the launcher would fail without it: GPU UUIDs (it reads slot numbers), or --num_nodes
+    # among the extra arguments (it would add an --include of its own beside it)
+    assert "--num_gpus" in pipeline.launcher_args(
+        OmegaConf.create({**gpu, "extra_args": ["--num_nodes", "1"]}), 4
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8a1b,GPU-77c2")
+    assert pipeline.launcher_args(gpu, 4)[:2] == ["--num_gpus", "4"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert pipeline.launcher_args(gpu, 4)[:2] == ["--num_gpus", "4"]
+    # the arguments that choose devices or nodes are part of the stage key's world; others and none are not
+    assert pipeline.world_description(gpu) == "4 per node"
+    assert (
+        pipeline.world_description(OmegaConf.create({**gpu, "extra_args": ["--ssh_port", "2222"]}))
+        == "4 per node"
+    )
+    assert (
+        pipeline.world_description(OmegaConf.create({**gpu, "extra_args": ["--include=localhost:1,2"]}))
+        == "4 per node, include=localhost:1,2"
+    )
 
 
 def test_a_stage_that_stops_on_a_setting_stops_the_pipeline_with_its_message(tmp_path, monkeypatch):
