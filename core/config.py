@@ -244,12 +244,13 @@ def check_world(cfg: Any, world: int) -> None:
 
 
 def check_values(
-    cfg: Any, *, optim: tuple[str, ...] = ("optim",), zero: tuple[str, ...] = ("deepspeed",)
+    cfg: Any, stage: str, *, optim: tuple[str, ...] = ("optim",), zero: tuple[str, ...] = ("deepspeed",)
 ) -> None:
     """Range and choice checks of the shared groups (train, data, peft, logger, and the optimizer and
     deepspeed groups named), before anything is loaded: a value a run would otherwise take silently
     (`optim.betas=[0.9, 1.5]`, a negative weight decay) or fail on deep inside, after minutes of work.
-    Raises ConfigError naming the key."""
+    `stage` names the data formats it reads (`data.formats.STAGE_FORMATS`). Raises ConfigError naming
+    the key."""
     t, d, p = cfg.train, cfg.data, cfg.peft
     check_at_least(1, {"train.micro_batch_size_per_device": t.micro_batch_size_per_device,
                        "train.grad_accum_steps": t.grad_accum_steps, "data.max_len": d.max_len})  # fmt: skip
@@ -261,6 +262,8 @@ def check_values(
     check_choice("data.loss_on", d.loss_on, ("responses", "all"))
     check_choice("data.on_error", d.on_error, ("raise", "skip"))
     check_choice("data.template.chat_template", d.template.chat_template, CHAT_TEMPLATE_MODES)
+    if d.path != "builtin":  # the built-in task reads no format
+        check_format("data.format", d.format, stage)
     if d.eval_path is None and not 0 < d.eval_fraction < 1:
         raise ConfigError(
             f"data.eval_fraction must be between 0 and 1 when no data.eval_path is given; got {d.eval_fraction}"

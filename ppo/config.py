@@ -118,9 +118,7 @@ def check_config(cfg) -> None:
     if cfg.bench.workload is not None:  # experiment=bench: train.max_steps is bench.steps
         check_at_least(1, {"bench.steps": cfg.bench.steps})
     check_at_least(1, {"train.max_steps": cfg.train.max_steps})  # no step: no PPO actor to export
-    check_values(cfg, optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds"))
-    if cfg.data.path != "builtin":  # the built-in task reads no format
-        check_format("data.format", cfg.data.format, "ppo")
+    check_values(cfg, "ppo", optim=("actor_optim", "critic_optim"), zero=("actor_ds", "critic_ds"))
     if cfg.ptx.coef > 0 and cfg.ptx.path != "builtin":
         check_format("ptx.format", cfg.ptx.format, "ptx")
     f = cfg.frozen_ds  # no optimizer: its offload_optimizer is not read

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from core.config import StageConfig, check_at_least, check_format, check_values
+from core.config import StageConfig, check_at_least, check_values
 from core.config import check_world as check_shared_world
 
 
@@ -33,9 +33,7 @@ ConfigStore.instance().store(name="reward_schema", node=RewardConfig)
 def check_config(cfg) -> None:
     """The ranges and choices of the shared groups (`core.config.check_values`) and the loss's, before
     anything loads; the pipeline calls it at planning too."""
-    check_values(cfg)
-    if cfg.data.path != "builtin":  # the built-in task reads no format
-        check_format("data.format", cfg.data.format, "reward")
+    check_values(cfg, "reward")
     check_at_least(0, {"loss.center_coef": cfg.loss.center_coef})
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
-from core.config import StageConfig, check_format, check_values
+from core.config import StageConfig, check_values
 from core.config import check_world as check_shared_world
 
 
@@ -25,9 +25,7 @@ ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
 def check_config(cfg) -> None:
     """The ranges and choices of the shared groups (`core.config.check_values`), before anything loads;
     the pipeline calls it at planning too."""
-    check_values(cfg)
-    if cfg.data.path != "builtin":  # the built-in task reads no format
-        check_format("data.format", cfg.data.format, "sft")
+    check_values(cfg, "sft")
 
 
 def check_world(cfg, world: int) -> None:

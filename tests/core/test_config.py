@@ -224,7 +224,7 @@ def test_shared_values_out_of_range_are_refused_naming_the_key(override, message
     from core.config import ConfigError, check_values
 
     with pytest.raises(ConfigError, match=message):
-        check_values(sft_cfg(*override.split()))
+        check_values(sft_cfg(*override.split()), "sft")
 
 
 @pytest.mark.parametrize(
@@ -276,8 +276,8 @@ def test_every_format_a_stage_takes_its_loader_reads(stage, tmp_path):
 def test_an_eval_file_frees_eval_fraction_and_lora_values_count_only_with_lora():
     from core.config import check_values
 
-    check_values(sft_cfg("data.eval_fraction=0", "data.eval_path=x.jsonl"))
-    check_values(sft_cfg("peft=none", "peft.r=0"))
+    check_values(sft_cfg("data.eval_fraction=0", "data.eval_path=x.jsonl"), "sft")
+    check_values(sft_cfg("peft=none", "peft.r=0"), "sft")
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward"])
