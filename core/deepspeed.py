@@ -7,6 +7,7 @@ gather partitioned weights for saving.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -489,7 +490,7 @@ def save_checkpoint(engine, save_dir: str, tag: str) -> None:
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
 
 
-def launcher_options(args: list[str]):
+def launcher_options(args: list[str]) -> argparse.Namespace:
     """The `deepspeed` launcher's arguments `args` (before the script) as its own parser reads them."""
     from deepspeed.launcher import runner
 

@@ -21,6 +21,7 @@ every stage after it).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import fcntl
@@ -410,7 +411,7 @@ def ranks_per_node(launcher: DictConfig) -> int | None:
     return (launcher.num_gpus or gpus) if gpus else launcher.num_procs
 
 
-def _visible_gpus_picked(launcher: DictConfig, options) -> bool:
+def _visible_gpus_picked(launcher: DictConfig, options: argparse.Namespace | None) -> bool:
     """One GPU node whose GPUs CUDA_VISIBLE_DEVICES picks by number, with nothing else choosing them
     (`launcher.num_gpus` null, no hostfile; `options`: the extra launcher arguments as DeepSpeed reads
     them, or None). DeepSpeed's launcher then runs on exactly those GPUs itself, where `--num_gpus N`
@@ -423,7 +424,7 @@ def _visible_gpus_picked(launcher: DictConfig, options) -> bool:
     return numbers and free and launcher.num_gpus is None and not launcher.hostfile and _gpus() > 0
 
 
-def _extra_options(launcher: DictConfig):
+def _extra_options(launcher: DictConfig) -> argparse.Namespace | None:
     """`launcher.extra_args` as DeepSpeed's launcher reads them (None when there are none)."""
     if not launcher.extra_args:
         return None
