@@ -503,10 +503,12 @@ def launcher_options(args: list[str]) -> argparse.Namespace:
 def launcher_world(launcher_args: list[str]) -> int | None:
     """How many ranks `deepspeed <launcher_args> --module ...` starts, counted with the launcher's own
     functions in the order its `main` applies them: the hostfile's hosts and slots (this node's devices
-    when there is no hostfile), then --include / --exclude, then --num_nodes and --num_gpus. Raises
-    ConfigError where the launcher would stop on them. None where it cannot be told from here: a
+    when there is no hostfile, those CUDA_VISIBLE_DEVICES names when nothing else picks them), then
+    --include / --exclude, then --num_nodes and --num_gpus, then the `--launcher` backend's own checks.
+    Raises ConfigError where the launcher would stop on them. None where it cannot be told from here: a
     DeepSpeed without `apply_num_nodes_and_gpus` (its trimming was inline in `main` before), or one node
-    with CUDA_VISIBLE_DEVICES set (the launcher rewrites or drops that variable before counting)."""
+    with CUDA_VISIBLE_DEVICES set beside --include / --exclude or --num_nodes 1 (the launcher then drops
+    the variable and counts every device of the node, which this process cannot see)."""
     from deepspeed.launcher import runner
 
     if not hasattr(runner, "apply_num_nodes_and_gpus"):
@@ -515,18 +517,51 @@ def launcher_world(launcher_args: list[str]) -> int | None:
     where = f"the deepspeed launcher's arguments {' '.join(launcher_args)}"
     if (args.include or args.exclude) and (args.num_nodes >= 0 or args.num_gpus >= 0):
         raise ConfigError(f"{where}: it takes --include / --exclude or --num_nodes / --num_gpus, not both")
+    pool = None
     try:
         if os.path.isfile(args.hostfile):
             pool = runner.fetch_hostfile(args.hostfile)
-        elif os.environ.get(get_accelerator().visible_devices_envs()[0]):
-            return None
+            active = runner.parse_inclusion_exclusion(pool, args.include, args.exclude)
+        elif args.num_nodes > 1:
+            raise ConfigError(f"{where}: --num_nodes {args.num_nodes} needs a hostfile with that many nodes")
+        elif visible := os.environ.get(get_accelerator().visible_devices_envs()[0], ""):
+            if args.num_gpus <= 0 and (args.include or args.exclude or args.num_nodes == 1):
+                return None
+            ids = [d.strip() for d in visible.split(",")]
+            if args.num_gpus <= 0 and not all(d.isdigit() for d in ids):
+                raise ConfigError(
+                    f"{where}: the launcher reads CUDA_VISIBLE_DEVICES={visible} as device numbers"
+                )
+            active = {"localhost": [int(d) for d in ids] if args.num_gpus <= 0 else []}
         else:  # no hostfile: this node's devices
             pool = {"localhost": get_accelerator().device_count()}
-        active = runner.parse_inclusion_exclusion(pool, args.include, args.exclude)
-    except ValueError as e:  # a malformed hostfile, a host or slot the filter names that is not there
+            active = runner.parse_inclusion_exclusion(pool, args.include, args.exclude)
+        active = runner.apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus)
+        _check_launcher_backend(args, active)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a malformed hostfile, a host or slot not there, what the backend cannot do
         raise ConfigError(f"{where}: {e}") from e
-    active = runner.apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus)
     return sum(len(slots) for slots in active.values())
+
+
+def _check_launcher_backend(args: argparse.Namespace, active: dict[str, list[int]]) -> None:
+    """What `--launcher`'s backend (pdsh, openmpi, slurm, ...) refuses of the resolved hosts and slots,
+    and of the arguments when it runs (several hosts): its own checks, raising ValueError."""
+    from deepspeed.launcher import runner
+
+    backends = getattr(runner, "LAUNCHER_CLASSES", {})
+    backend = backends.get(args.launcher.lower())
+    if backend is None:
+        if backends:
+            raise ValueError(f"unknown --launcher {args.launcher} (DeepSpeed's: {', '.join(backends)})")
+        return
+    if hasattr(backend, "validate_active_resources"):
+        backend.validate_active_resources(active)
+    if (args.force_multi or len(active) > 1) and not args.no_ssh:  # the multi-node launch builds the backend
+        instance = object.__new__(backend)  # its checks only: the constructor also reads the environment
+        instance.args = args
+        instance.validate_args()
 
 
 def load_checkpoint(engine, load_dir: str, tag: str) -> None:

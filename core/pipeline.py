@@ -404,7 +404,10 @@ def _gpus() -> int:
 
 
 def ranks_per_node(launcher: DictConfig) -> int | None:
-    """Processes per node the launcher starts for a stage; None: one plain process, no launcher."""
+    """Processes per node the launcher starts for a stage; None: one plain process, no launcher. With a
+    hostfile, without `launcher.num_gpus`, the launcher takes each host's slots instead (`launcher_args`)."""
+    if launcher.hostfile and launcher.num_gpus:  # also from a node without GPUs (a login node)
+        return launcher.num_gpus
     gpus = _gpus()
     if not gpus and launcher.num_procs <= 1 and not launcher.hostfile:
         return None
@@ -430,17 +433,24 @@ def _extra_options(launcher: DictConfig) -> argparse.Namespace | None:
         return None
     from core import deepspeed as ds
 
-    return ds.launcher_options([str(a) for a in launcher.extra_args])
+    options = ds.launcher_options([str(a) for a in launcher.extra_args])
+    if options.hostfile != ds.launcher_options([]).hostfile:
+        raise ConfigError(
+            f"launcher.extra_args={list(launcher.extra_args)}: give the hostfile as launcher.hostfile (the "
+            "pipeline checks it and counts its ranks at planning)"
+        )
+    return options
 
 
 def launcher_args(launcher: DictConfig, procs: int, master_port: int | None = None) -> list[str]:
     """The `deepspeed` launcher's arguments for a stage (before `--module`): ranks per node, hostfile,
-    port and `launcher.extra_args`. Without --num_gpus where it would be wrong: beside --include or
-    --exclude (the launcher refuses both), and where CUDA_VISIBLE_DEVICES picks the GPUs
-    (`_visible_gpus_picked`)."""
+    port and `launcher.extra_args`. Without --num_gpus where the launcher should pick the devices: from
+    a hostfile's slots (unless `launcher.num_gpus` is set), beside --include or --exclude (the launcher
+    refuses both), and where CUDA_VISIBLE_DEVICES picks the GPUs (`_visible_gpus_picked`)."""
     options = _extra_options(launcher)
     filtered = options is not None and bool(options.include or options.exclude)
-    args = [] if filtered or _visible_gpus_picked(launcher, options) else ["--num_gpus", str(procs)]
+    slots = bool(launcher.hostfile) and launcher.num_gpus is None
+    args = [] if filtered or slots or _visible_gpus_picked(launcher, options) else ["--num_gpus", str(procs)]
     if launcher.hostfile:
         args += ["--hostfile", launcher.hostfile]
     if master_port is not None:
@@ -482,7 +492,10 @@ def world_description(launcher: DictConfig) -> str:
     procs = ranks_per_node(launcher)
     if procs is None:
         return "1"
-    text = f"{procs} per node" + (f", nodes of {launcher.hostfile}" if launcher.hostfile else "")
+    if launcher.hostfile:  # its slots per node, unless launcher.num_gpus is set (`launcher_args`)
+        text = f"{launcher.num_gpus or 'its slots'} per node, nodes of {launcher.hostfile}"
+    else:
+        text = f"{procs} per node"
     options = _extra_options(launcher)  # the extra launcher arguments that choose devices or nodes
     if options is not None:
         chosen = {"include": options.include, "exclude": options.exclude, "num_nodes": options.num_nodes,

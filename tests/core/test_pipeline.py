@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from core import pipeline
 from core.checkpoint import EXPORT_INFO
 from core.deepspeed import ConfigError
-from tests.conftest import CORES_PER_TEST, ROOT, read_metrics, run_stage, stage_env
+from tests.conftest import CORES_PER_TEST, ROOT, free_port, read_metrics, run_stage, stage_env
 
 SHORT = (
     "sft.experiment=quick", "sft.data.builtin.num_prompts=400", "sft.train.max_steps=6",
@@ -337,12 +337,24 @@ def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path,
     def world(**changes):
         return pipeline.planned_world(OmegaConf.create({**launcher, **changes}))
 
-    assert world() == 4  # --num_gpus 2 on each of the two nodes
-    assert world(extra_args=["--num_nodes", "1"]) == 2
-    assert world(extra_args=["--include", "node-b:0,1,2"]) == 3  # the filter, not --num_gpus, picks the slots
+    assert world() == 16  # each host's slots: the launcher gets no --num_gpus
+    assert "--num_gpus" not in pipeline.launcher_args(OmegaConf.create(launcher), 2)
+    assert world(num_gpus=2) == 4  # --num_gpus 2 on each of the two nodes, also from a node without GPUs
+    assert world(extra_args=["--num_nodes", "1"]) == 8
+    assert world(extra_args=["--include", "node-b:0,1,2"]) == 3
     assert world(extra_args=["--exclude", "node-a"]) == 8
     assert world(hostfile=None, extra_args=["--include", "localhost:0"]) == 1  # this node's devices
     assert world(hostfile=None, extra_args=["-i", "localhost:0"]) == 1  # as DeepSpeed's parser reads them
+    uneven = tmp_path / "uneven"
+    uneven.write_text("node-a slots=4\nnode-b slots=4\nnode-c slots=2\n")
+    assert world(hostfile=str(uneven)) == 10  # not --num_gpus N on every host, which node-c has not got
+    assert pipeline.world_description(OmegaConf.create(launcher)) == f"its slots per node, nodes of {hosts}"
+    assert (
+        pipeline.world_description(OmegaConf.create({**launcher, "num_gpus": 2}))
+        == f"2 per node, nodes of {hosts}"
+    )
+    # the launcher backend's own checks (MPI runs the whole hostfile and takes no per-node count)
+    assert world(extra_args=["--launcher", "openmpi"]) == 16
     for changes, message in (
         ({"extra_args": ["--include", "node-c"]}, "Hostname 'node-c' not found in hostfile"),
         ({"extra_args": ["--include", "node-a:9"]}, "No slot '9' specified on host 'node-a'"),
@@ -352,11 +364,22 @@ def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path,
             {"extra_args": ["--num_nodez", "1"]},
             "the deepspeed launcher does not take the arguments --num_nodez 1",
         ),
+        ({"hostfile": None, "extra_args": ["--num_nodes", "2"]}, "--num_nodes 2 needs a hostfile"),
+        ({"extra_args": ["-H", str(uneven)]}, "give the hostfile as launcher.hostfile"),
+        (
+            {"num_gpus": 2, "extra_args": ["--launcher", "openmpi"]},
+            "does not support limiting num nodes/gpus",
+        ),
+        (
+            {"extra_args": ["--launcher", "slurm", "-i", "node-a:1@node-b"]},
+            "cannot select specific device ids",
+        ),
+        ({"extra_args": ["--launcher", "lsf"]}, "unknown --launcher lsf"),
     ):
         with pytest.raises(ConfigError, match=message):
             world(**changes)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra.compose("pipeline", overrides=[f"launcher.hostfile={hosts}", "launcher.num_procs=2",
+        cfg = hydra.compose("pipeline", overrides=[f"launcher.hostfile={hosts}", "launcher.num_gpus=2",
                                                    "++ppo.rollout.batch_size=66"])  # fmt: skip
         with pytest.raises(ConfigError, match=r"divisible by the world size 4 \(the launcher starts 4 rank"):
             pipeline.Pipeline(cfg, tmp_path / "run", None).run()
@@ -374,8 +397,20 @@ def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path,
     assert "--num_gpus" in pipeline.launcher_args(
         OmegaConf.create({**gpu, "extra_args": ["--num_nodes", "1"]}), 4
     )
+    # counted as the launcher counts them: the GPUs the variable names, or --num_gpus; unknown where the
+    # launcher drops the variable and takes the node's whole pool, which this process cannot see
+    assert pipeline.planned_world(OmegaConf.create({**gpu, "extra_args": ["--ssh_port", "2222"]})) == 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    monkeypatch.setattr(pipeline, "_gpus", lambda: 2)
+    assert pipeline.planned_world(OmegaConf.create({**gpu, "extra_args": ["--ssh_port", "2222"]})) == 2
+    assert pipeline.planned_world(OmegaConf.create({**gpu, "extra_args": ["--num_nodes", "1"]})) == 2
+    assert (
+        pipeline.planned_world(OmegaConf.create({**gpu, "extra_args": ["--include", "localhost:5"]})) is None
+    )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8a1b,GPU-77c2")
     assert pipeline.launcher_args(gpu, 4)[:2] == ["--num_gpus", "4"]
+    assert pipeline.planned_world(OmegaConf.create({**gpu, "extra_args": ["--ssh_port", "2222"]})) == 2
+    monkeypatch.setattr(pipeline, "_gpus", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert pipeline.launcher_args(gpu, 4)[:2] == ["--num_gpus", "4"]
     # the arguments that choose devices or nodes are part of the stage key's world; others and none are not
@@ -388,6 +423,29 @@ def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path,
         pipeline.world_description(OmegaConf.create({**gpu, "extra_args": ["--include=localhost:1,2"]}))
         == "4 per node, include=localhost:1,2"
     )
+
+
+def test_the_real_launcher_starts_the_planned_ranks_from_a_hostfiles_slots(tmp_path):
+    """The stage's launcher arguments under DeepSpeed's own launcher: one host of 2 slots starts 2 ranks,
+    as planned, from a node without GPUs and `launcher.num_procs` 1 (before, the pipeline added
+    `--num_gpus 1`, which overrode every host's slots)."""
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    (tmp_path / "show_world.py").write_text(
+        'import os\nprint("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"])\n'
+    )
+    launcher = OmegaConf.create({
+        "num_gpus": None, "num_procs": 1, "hostfile": str(tmp_path / "hostfile"), "master_port": None,
+        # one host: no ssh (the launcher asks ssh for the master address unless it is given)
+        "extra_args": ["--no_ssh_check", "--master_addr", "127.0.0.1"],
+    })  # fmt: skip
+    assert pipeline.planned_world(launcher) == 2
+    args = pipeline.launcher_args(launcher, pipeline.ranks_per_node(launcher), free_port())
+    env = {**stage_env(1), "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), *args, "--module", "show_world"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0 of 2", "rank 1 of 2"]  # fmt: skip
 
 
 def test_a_stage_that_stops_on_a_setting_stops_the_pipeline_with_its_message(tmp_path, monkeypatch):
