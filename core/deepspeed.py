@@ -500,6 +500,16 @@ def launcher_options(args: list[str]) -> argparse.Namespace:
         raise ConfigError(f"the deepspeed launcher does not take the arguments {' '.join(args)}") from e
 
 
+def hostfile_slots(path: str) -> dict[str, int]:
+    """A DeepSpeed hostfile's hosts and their slots, as its launcher reads them."""
+    from deepspeed.launcher import runner
+
+    try:
+        return dict(runner.fetch_hostfile(path) or {})
+    except ValueError as e:  # a malformed line, a host named twice
+        raise ConfigError(f"launcher.hostfile={path}: {e}") from e
+
+
 def launcher_world(launcher_args: list[str]) -> int | None:
     """How many ranks `deepspeed <launcher_args> --module ...` starts, counted with the launcher's own
     functions in the order its `main` applies them: the hostfile's hosts and slots (this node's devices

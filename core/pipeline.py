@@ -493,7 +493,10 @@ def world_description(launcher: DictConfig) -> str:
     if procs is None:
         return "1"
     if launcher.hostfile:  # its slots per node, unless launcher.num_gpus is set (`launcher_args`)
-        text = f"{launcher.num_gpus or 'its slots'} per node, nodes of {launcher.hostfile}"
+        from core import deepspeed as ds
+
+        hosts = " ".join(f"{host}={slots}" for host, slots in ds.hostfile_slots(launcher.hostfile).items())
+        text = f"{launcher.num_gpus or 'its slots'} per node, nodes of {launcher.hostfile} ({hosts})"
     else:
         text = f"{procs} per node"
     options = _extra_options(launcher)  # the extra launcher arguments that choose devices or nodes

@@ -348,11 +348,16 @@ def test_the_planned_world_is_counted_as_deepspeeds_launcher_counts_it(tmp_path,
     uneven = tmp_path / "uneven"
     uneven.write_text("node-a slots=4\nnode-b slots=4\nnode-c slots=2\n")
     assert world(hostfile=str(uneven)) == 10  # not --num_gpus N on every host, which node-c has not got
-    assert pipeline.world_description(OmegaConf.create(launcher)) == f"its slots per node, nodes of {hosts}"
+    # the hosts and their slots are part of the stage key's world, not only the hostfile's name
+    described = pipeline.world_description(OmegaConf.create(launcher))
+    assert described == f"its slots per node, nodes of {hosts} (node-a=8 node-b=8)"
     assert (
         pipeline.world_description(OmegaConf.create({**launcher, "num_gpus": 2}))
-        == f"2 per node, nodes of {hosts}"
+        == f"2 per node, nodes of {hosts} (node-a=8 node-b=8)"
     )
+    hosts.write_text("node-a slots=8\nnode-b slots=8\nnode-c slots=8\n")
+    assert pipeline.world_description(OmegaConf.create(launcher)) != described
+    hosts.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
     # the launcher backend's own checks (MPI runs the whole hostfile and takes no per-node count)
     assert world(extra_args=["--launcher", "openmpi"]) == 16
     for changes, message in (
