@@ -527,7 +527,6 @@ def launcher_world(launcher_args: list[str]) -> int | None:
     where = f"the deepspeed launcher's arguments {' '.join(launcher_args)}"
     if (args.include or args.exclude) and (args.num_nodes >= 0 or args.num_gpus >= 0):
         raise ConfigError(f"{where}: it takes --include / --exclude or --num_nodes / --num_gpus, not both")
-    pool = None
     try:
         if os.path.isfile(args.hostfile):
             pool = runner.fetch_hostfile(args.hostfile)
