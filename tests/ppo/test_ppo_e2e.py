@@ -57,6 +57,9 @@ def test_ppo_raises_reward_and_gold_reward_with_bounded_kl(exports, tmp_path):
     gold = [v for _, v in metric_series(rows, "gold/reward")]
     kl = [v for _, v in metric_series(rows, "ppo/kl")]
     assert len(reward) == 40
+    # measured over train.seed 0-4 (exports and PPO of each seed): the last 8 steps' reward above the first
+    # 8 by 0.72-1.03, gold by 0.51-0.87, the largest KL 0.96-1.36; with kl_coef 0.5 below, the last 8
+    # steps' KL 0.32-0.61 of the default's and reward up by 0.61-0.93
     assert mean(reward[-8:]) > mean(reward[:8]) + 0.2, reward
     assert mean(gold[-8:]) > mean(gold[:8]) + 0.2, gold
     assert max(kl) < 3.0, kl  # nats per response

@@ -27,7 +27,8 @@ def test_reward_export_loads_as_sequence_classifier_with_stats(tmp_path):
         "eval/gold_accuracy",
     ):
         assert key in final
-    # 30 steps already rank held-out pairs above chance (measured: accuracy 0.73, gold 0.77 on 30 pairs)
+    # 30 steps already rank held-out pairs above chance (measured over train.seed 0-4: accuracy 0.67-0.80,
+    # gold 0.70-0.83 on 30 pairs, margin 0.60-1.01; seed 0, the one tested: 0.73, 0.77, 0.73)
     assert (
         final["eval/margin"] > 0 and final["eval/accuracy"] >= 0.6 and final["eval/gold_accuracy"] >= 0.6
     ), final
@@ -48,7 +49,8 @@ def test_builtin_reward_model_agrees_with_the_noise_free_gold_judge(tmp_path):
     run = tmp_path / "rw"
     run_stage("reward", "logger=none", "train.eval_every=0", f"hydra.run.dir={run}", timeout=900)
     final = read_metrics(run)[-1]
-    # Agreement with the noise-free judge on 2000 pairs of held-out prompts (the default reaches 0.9065).
+    # Agreement with the noise-free judge on 2000 pairs of held-out prompts: the target itself. The
+    # default reaches 0.9065; over train.seed 1-4 it reached 0.9085, 0.9100, 0.9040 and 0.9050.
     assert final["eval/gold_accuracy"] >= 0.9, final
 
 

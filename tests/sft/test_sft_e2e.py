@@ -22,7 +22,7 @@ def test_sft_default_learns_and_exports_a_loadable_model(tmp_path):
     run_stage("sft", *QUICK, "train.max_steps=80", "train.eval_every=40", f"hydra.run.dir={run}")
     rows = read_metrics(run)
     losses = [v for _, v in metric_series(rows, "train/loss")]
-    assert losses[-1] < 0.6 * losses[0], losses  # loss falls
+    assert losses[-1] < 0.6 * losses[0], losses  # loss falls (train.seed 0-4: to 0.37-0.38 of the first)
     evals = metric_series(rows, "eval/loss")
     assert [s for s, _ in evals] == [40, 80] and evals[1][1] < evals[0][1]
     assert all("time/step_s" in r and "train/lr" in r for r in rows if "train/loss" in r)
