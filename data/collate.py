@@ -271,12 +271,16 @@ class GlobalBatches:
         self.num_examples, self.seed = num_examples, seed
         self.steps_per_epoch = num_examples // self.global_batch
 
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """Example indices of rank `rank`'s `accum` micro-batches at `step` (0-based)."""
+    def batch(self, step: int) -> list[int]:
+        """Example indices of the whole global batch at `step` (0-based): every rank's micro-batches."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
         start = within * self.global_batch
-        batch = order[start : start + self.global_batch].tolist()
+        return order[start : start + self.global_batch].tolist()
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Example indices of rank `rank`'s `accum` micro-batches at `step` (0-based)."""
+        batch = self.batch(step)
         # layout of the global batch: [micro step][rank][example]
         per_micro = self.micro * self.world
         return [

@@ -36,15 +36,29 @@ class PtxData:
         if not self.examples:
             raise DataError(f"ptx.path={cfg.path}: no demonstration keeps any reply token within {max_len} "
                             "tokens (data.max_len + rollout.max_new_tokens)")  # fmt: skip
-        self.pad_id = formatter.tokenizer.pad_token_id
+        self.targets = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in self.examples]
+        self.pad_id, self.world = formatter.tokenizer.pad_token_id, world
         self.batches = GlobalBatches(len(self.examples), cfg.micro_batch_size_per_device, 1, world, seed,
                                      knobs="ptx.micro_batch_size_per_device")  # fmt: skip
         self.calls = 0  # how many micro-batches were drawn (restored on resume through the step count)
 
-    def loss(self, engine, device: torch.device) -> torch.Tensor:
-        """Token-mean LM loss of the next micro-batch (this rank's share)."""
+    def normaliser(self, micro_steps: int) -> float:
+        """What each summed micro-batch loss of the next minibatch (`micro_steps` per rank) is divided by.
+
+        Its target tokens over every rank / (micro-steps x ranks), as for the PPO terms: DeepSpeed then
+        averages over micro-steps and ranks, so the ptx term is the token mean over the whole minibatch
+        whatever its split, like the SFT stage's loss. A mean of per-micro-batch token means would weight
+        the tokens of short micro-batches more, and differently for another micro-batch size.
+        """
+        tokens = sum(self.targets[i] for call in range(self.calls, self.calls + micro_steps)
+                     for i in self.batches.batch(call))  # fmt: skip
+        return max(tokens, 1) / (micro_steps * self.world)
+
+    def loss(self, engine, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The next micro-batch's (this rank's share) LM loss summed over its target tokens, and their count."""
         (index,) = self.batches.micro_batches(self.calls, dist.rank())
         self.calls += 1
         b = collate([self.examples[i] for i in index], self.pad_id).to(device)
         out = engine(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, use_cache=False)
-        return out.loss
+        n = sum(self.targets[i] for i in index)  # the tokens transformers' loss averages over
+        return out.loss * n, n

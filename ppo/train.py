@@ -277,7 +277,14 @@ class PPORecipe:
         if not path.is_file():
             raise ConfigError(f"ppo.reward_norm=rm_stats needs {path} (written by `python -m reward`); "
                               "use ppo.reward_norm=running or none for this reward model")  # fmt: skip
-        return json.loads(path.read_text())
+        stats = json.loads(path.read_text())
+        mean, std = stats.get("mean"), stats.get("std")
+        # a reward model that gave every evaluation pair the same score saved std 0: (raw - mean) / 0
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (mean, std)) or std <= 0:
+            raise ConfigError(f"ppo.reward_norm=rm_stats: {path} has mean {mean!r} and std {std!r}, which cannot "
+                              "normalise scores (a std of 0: the reward model scored every evaluation response "
+                              "alike); use ppo.reward_norm=running or none for this reward model")  # fmt: skip
+        return stats
 
     def engines(self) -> dict:
         return {"actor": self.actor, "critic": self.critic}
@@ -512,8 +519,9 @@ class PPORecipe:
         ids, seq_mask = r.sequence
         width = r.prompt_ids.shape[1]
         T = c.rollout.temperature
-        # pg, vf, clipfrac, vclipfrac, approxkl, ptx, micro count: summed on the device, one sync per step
-        sums = torch.zeros(7, device=self.device)
+        # pg, vf, clipfrac, vclipfrac, approxkl, micro count, ptx loss and its tokens: summed on the
+        # device, one sync per step
+        sums = torch.zeros(8, device=self.device)
         one = torch.ones((), device=self.device)
         stop, updates = False, 0
         for epoch, order in enumerate(self._epoch_orders(step, B)):  # same shuffles on resume
@@ -525,6 +533,8 @@ class PPORecipe:
             denoms = [max(x, 1.0) / (accum * self.world) for x in self._reduce(local)]
             for k in range(n_mb):
                 mb_kl = torch.zeros((), device=self.device)
+                if self.ptx is not None:  # the ptx term's own normaliser, as denoms[k] for the PPO terms
+                    ptx_denom = self.ptx.normaliser(accum)
                 for a in range(accum):
                     idx = order[k * self.minibatch + a * micro : k * self.minibatch + (a + 1) * micro]
                     mb, seqs = r.select(idx), self._sequences(ids[idx], seq_mask[idx], width)
@@ -538,10 +548,10 @@ class PPORecipe:
                     kl = kl_estimate(logp, mb.ref_logprobs, p.kl_estimator) if p.kl_in == "loss" else None
                     loss = actor_loss(pl.loss, mb.response_mask, denoms[k], ent, p.entropy_coef, kl,
                                       self.kl_ctl.value)  # fmt: skip
-                    ptx = torch.zeros((), device=self.device)
+                    ptx, ptx_tokens = torch.zeros((), device=self.device), 0
                     if self.ptx is not None:
-                        ptx = self.ptx.loss(self.actor, self.device)
-                        loss = loss + c.ptx.coef * ptx
+                        ptx, ptx_tokens = self.ptx.loss(self.actor, self.device)
+                        loss = loss + c.ptx.coef * ptx / ptx_denom
                     self.actor.backward(loss)
                     self.actor.step()
                     # critic: clipped value loss
@@ -558,10 +568,11 @@ class PPORecipe:
                         min=1
                     )  # local token means, for logs
                     sums += torch.stack([pl.loss.detach() * to_token_mean, vl.loss.detach() * to_token_mean,
-                                         pl.clipfrac, vl.clipfrac, pl.approxkl, ptx.detach(), one]).float()  # fmt: skip
+                                         pl.clipfrac, vl.clipfrac, pl.approxkl, one, ptx.detach(),
+                                         one * ptx_tokens]).float()  # fmt: skip
                     mb_kl += pl.approxkl
                 updates += 1
-                if p.early_stop_kl is not None:
+                if p.early_stop_kl is not None:  # checked after this minibatch's step (see conf/ppo.yaml)
                     (kl_sum,) = self._reduce([float(mb_kl) / accum])  # a sync per minibatch, only when asked
                     if kl_sum / self.world > p.early_stop_kl:
                         stop = True
@@ -575,12 +586,12 @@ class PPORecipe:
                 engine.lr_scheduler.step()
         self.critic_graphs = {}  # an early stop may leave some unused
         total = self._reduce(sums.tolist())
-        n = max(total[6], 1.0)
+        n = max(total[5], 1.0)
         stats = {"ppo/policy_loss": total[0] / n, "ppo/value_loss": total[1] / n, "ppo/clipfrac": total[2] / n,
                  "ppo/value_clipfrac": total[3] / n, "ppo/approxkl": total[4] / n,
                  "ppo/epochs_done": n / (self.world * n_mb * accum)}  # fmt: skip
         if self.ptx is not None:
-            stats["ppo/ptx_loss"] = total[5] / n
+            stats["ppo/ptx_loss"] = total[6] / max(total[7], 1.0)  # token mean over every ptx micro-batch
         return stats
 
     # ------------------------------------------------------------------ loop

@@ -1,5 +1,6 @@
 """The PPO recipe's pure parts: how evaluation shares out prompts, and the settings it refuses."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,14 @@ def test_long_prompts_are_cut_from_the_left_keeping_the_bos_and_the_generation_c
     assert len(whole) > 8
     cut = r._encode_prompt(messages)
     assert cut == [whole[0]] + whole[-7:] and whole[0] == r.formatter.tokenizer.bos_token_id
+
+
+def test_saved_reward_statistics_that_cannot_normalise_are_refused(tmp_path):
+    stats = tmp_path / "reward_stats.json"
+    r = recipe("ppo.reward_norm=rm_stats", f"reward_model.name_or_path={tmp_path}")
+    stats.write_text(json.dumps({"mean": 0.5, "std": 2.0, "count": 60}))
+    assert r._reward_stats() == {"mean": 0.5, "std": 2.0, "count": 60}
+    for mean, std in ((0.5, 0.0), (0.5, -1.0), (float("nan"), 1.0), (0.5, float("inf")), (0.5, None)):
+        stats.write_text(json.dumps({"mean": mean, "std": std, "count": 60}))
+        with pytest.raises(ConfigError, match="cannot normalise scores .* use ppo.reward_norm=running"):
+            r._reward_stats()
