@@ -238,14 +238,16 @@ def merged_adapter_export(path: str, trust_remote_code: bool) -> Path | tuple[An
     )
     if not base:
         raise ModelError(f"{path}: a LoRA adapter that names no base model and has no base/ beside it")
-    head = (
-        AutoModelForSequenceClassification if adapter.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
-    )
+    score = adapter.get("task_type") == "SEQ_CLS"
+    head = AutoModelForSequenceClassification if score else AutoModelForCausalLM
+    # a reward model's base may be an LM (an SFT export): its config would give the new head 2 labels, and
+    # the adapter's trained 1-row score (modules_to_save) would not fit in it
+    labels = {"num_labels": 1} if score else {}
     with ds.zero3_init_disabled():
         try:
             with _no_safetensors_conversion():
                 model = head.from_pretrained(
-                    str(base), use_safetensors=True, trust_remote_code=trust_remote_code
+                    str(base), use_safetensors=True, trust_remote_code=trust_remote_code, **labels
                 )
         except OSError as e:
             raise ModelError(f"{path}: cannot load the LoRA adapter's base {str(base)!r}: {e}") from None

@@ -255,3 +255,32 @@ def test_a_lora_export_loads_as_its_adapters_merged_into_the_base(tmp_path, monk
     (export / "adapter_model.safetensors").rename(export / "adapter_model.bin")
     with pytest.raises(ModelError, match="a peft adapter without adapter_model.safetensors"):
         load_model(str(export), {}, tok, "fp32")
+
+
+def test_a_lora_reward_model_on_an_sft_export_loads_with_its_trained_score(tmp_path):
+    """The reward stage's usual recipe with peft=lora: the base is a full SFT export (a causal LM, loadable
+    from its path, so the export has no base/) and merge_on_export is off. PPO loads it as the reward
+    model and the critic's start: the base gets a one-label head for the adapter's trained score."""
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2}  # fmt: skip
+    torch.manual_seed(0)
+    sft = tmp_path / "sft"
+    load_model(None, arch, tok, "fp32").save_pretrained(sft)
+    tok.save_pretrained(sft)
+    rm = add_lora(load_model(str(sft), {}, tok, "fp32", head="score"), r=4, alpha=8, dropout=0.0,
+                  target_modules="all-linear", task_type="SEQ_CLS")  # fmt: skip
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0, 0.5)  # trained adapters and score head
+    export = tmp_path / "export"
+    rm.save_pretrained(export)
+    tok.save_pretrained(export)
+    assert not (export / "base").exists() and not (export / "merged").exists()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        want = rm(input_ids=ids).logits
+        got = load_model(str(export), {}, tok, "fp32", head="score")(input_ids=ids).logits
+    assert got.shape == (1, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
