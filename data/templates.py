@@ -125,11 +125,37 @@ class PromptFormatter:
     def _ids(self, text: str) -> list[int]:
         return list(self._cached_ids(text))  # a fresh list: callers append the EOS
 
+    def _reply_ids(self, text: str, final: bool) -> list[int]:
+        """An assistant reply's ids as trained: with an EOS (added where the text has none), and for the
+        conversation's final reply nothing after that EOS."""
+        piece = self._ids(text)
+        if self.eos_id not in piece:
+            piece.append(self.eos_id)
+        elif final:
+            # a template's text after the final EOS (ChatML's newline) is no part of the reply: a
+            # generation stops at the EOS, and a reward model reads its score there (PPO too)
+            piece = piece[: len(piece) - piece[::-1].index(self.eos_id)]
+        return piece
+
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of the prompt for the next assistant reply: [P]."""
-        if self.use_chat_template:
-            return self._ids(self.prompt_text(messages))
-        return self.bos_ids + [t for text, _ in self.segments(messages) for t in self._ids(text)]
+        """Token ids of the prompt for the next assistant reply: [P].
+
+        Built from the same pieces as `encode` (earlier replies with the EOS training gave them), so it is
+        the prefix of the training sequence that a conversation ending in the next reply starts with.
+        """
+        ids = list(self.bos_ids)
+        segments = self.segments(messages)
+        for text, is_reply in segments:
+            ids += self._reply_ids(text, final=False) if is_reply else self._ids(text)
+        if self.use_chat_template:  # the turns after the last reply and the generation cue
+            done, prompt = "".join(text for text, _ in segments), self.prompt_text(messages)
+            if not prompt.startswith(done):
+                raise DataError(
+                    "the tokenizer's chat template does not render conversations as growing prefixes, so "
+                    "assistant turns cannot be located; set data.template.chat_template=never"
+                )
+            ids += self._ids(prompt[len(done) :])
+        return ids
 
     def encode(self, conversation: Conversation, max_len: int, loss_on: str = "responses") -> Encoded:
         """Ids and labels of a whole conversation, right-truncated to max_len.
@@ -142,13 +168,7 @@ class PromptFormatter:
         labels = [IGNORE_INDEX] * len(ids)
         segments = self.segments(conversation.messages)
         for i, (text, is_reply) in enumerate(segments):
-            piece = self._ids(text)
-            if is_reply and self.eos_id not in piece:
-                piece.append(self.eos_id)
-            elif is_reply and i == len(segments) - 1:
-                # a template's text after the final EOS (ChatML's newline) is no part of the reply: a
-                # generation stops at the EOS, and a reward model reads its score there (PPO too)
-                piece = piece[: len(piece) - piece[::-1].index(self.eos_id)]
+            piece = self._reply_ids(text, final=i == len(segments) - 1) if is_reply else self._ids(text)
             ids += piece
             labels += piece if (is_reply or loss_on == "all") else [IGNORE_INDEX] * len(piece)
         truncated = len(ids) > max_len

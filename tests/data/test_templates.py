@@ -65,6 +65,40 @@ def test_multi_turn_loss_on_every_assistant_turn_and_loss_on_all():
         f.encode(c, max_len=128, loss_on="prompt")
 
 
+MULTI_TURN = (("system", "review"), ("user", "the pizza"), ("assistant", "the crust was great ."),
+              ("user", "the movie"), ("assistant", "the plot was boring ."))  # fmt: skip
+
+
+def assert_prompts_are_training_prefixes(f, c):
+    """Every assistant turn's generation prompt is the unlabelled prefix of the training sequence before it
+    (earlier replies with the EOS training gave them): what PPO's rollouts and the samples start from."""
+    enc = f.encode(c, max_len=512)
+    for i, m in enumerate(c.messages):
+        if m.role == "assistant":
+            prompt = f.encode_prompt(c.messages[:i])
+            assert enc.input_ids[: len(prompt)] == prompt, (i, f.tokenizer.decode(prompt))
+            assert enc.labels[len(prompt) - 1] == IGNORE_INDEX and enc.labels[len(prompt)] != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_multi_turn_prompts_are_prefixes_of_the_training_sequence(mode):
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace(" </s> {% endfor %}", " {% endfor %}")  # turns without an EOS
+    f = formatter(tok, mode)
+    assert f.use_chat_template == (mode == "auto")
+    assert_prompts_are_training_prefixes(f, conv(*MULTI_TURN))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama2-sentencepiece", "gpt-neox-pythia", "qwen2"])
+def test_multi_turn_prompts_are_prefixes_with_real_tokenizers(shared_data, name):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / name)
+    c = conv(("user", "Hello there"), ("assistant", "Hello friend"), ("user", "And 3+3?"), ("assistant", "6"))
+    for mode in ("never", "auto"):
+        assert_prompts_are_training_prefixes(formatter(tok, mode), c)
+
+
 def test_truncation_is_flagged():
     tok = build_tokenizer()
     enc = formatter(tok).encode(
