@@ -251,6 +251,14 @@ def merged_adapter_export(path: str, trust_remote_code: bool) -> Path | tuple[An
                 )
         except OSError as e:
             raise ModelError(f"{path}: cannot load the LoRA adapter's base {str(base)!r}: {e}") from None
+        # the run grew the base's embeddings for its tokenizer (`load_model`: a pad token GPT-2 lacked), and
+        # peft saved the grown matrices in the adapter: grow the base alike before loading them
+        try:  # an export has its tokenizer beside the adapter; an adapter from elsewhere may not
+            rows = len(AutoTokenizer.from_pretrained(str(root), trust_remote_code=trust_remote_code))
+        except OSError:
+            rows = 0
+        if model.get_input_embeddings().weight.shape[0] < rows:
+            model.resize_token_embeddings(rows)
         model = PeftModel.from_pretrained(model, str(root)).merge_and_unload()  # its .safetensors (above)
     log.info("%s: LoRA adapters merged into their base (%s)", path, base)
     return model.config, model.state_dict()

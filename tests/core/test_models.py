@@ -284,3 +284,31 @@ def test_a_lora_reward_model_on_an_sft_export_loads_with_its_trained_score(tmp_p
         got = load_model(str(export), {}, tok, "fp32", head="score")(input_ids=ids).logits
     assert got.shape == (1, 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_export_of_a_base_whose_vocabulary_grew_loads(tmp_path):
+    """A tokenizer given a pad token it lacked (GPT-2) grows the base's embeddings by a row before LoRA:
+    peft then saves the whole embedding and output matrices in the adapter, which need a base of the same
+    size to load into (the export has no base/: the base is loadable from its path)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(base)  # fmt: skip
+    model = load_model(str(base), {}, tok, "fp32")
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)  # grown for the tokenizer
+    lora = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    export = tmp_path / "export"
+    lora.save_pretrained(export)
+    tok.save_pretrained(export)
+    ids = torch.tensor([[1, 5, 9, len(tok) - 1]])  # the new last row too
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+        got = load_model(str(export), {}, tok, "fp32")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
