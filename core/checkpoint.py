@@ -467,6 +467,11 @@ def _cpu_copy(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.
             )
         else:
             cpu = type(module)(copy.deepcopy(module.config))
+    # a model built from its config gets a generation config made from it alone: keep the one loaded with
+    # the model (a chat model's several EOS ids, its sampling defaults) in the export
+    source, target = (m.get_base_model() if isinstance(m, PeftModel) else m for m in (module, cpu))
+    if getattr(source, "generation_config", None) is not None:
+        target.generation_config = copy.deepcopy(source.generation_config)
     cpu.to(dtype)
     cpu.load_state_dict(state)
     return cpu

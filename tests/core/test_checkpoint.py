@@ -279,3 +279,24 @@ def test_an_export_finds_its_reference_from_any_directory_and_after_the_tree_mov
     # a hub id, and exports written before references were recorded this way, stay as they are
     assert model_reference("org/model", moved) == {"path": "org/model"}
     assert resolve_reference("outputs/sft/a/export", moved) == "outputs/sft/a/export"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_exported_copy_keeps_the_generation_config_loaded_with_the_model(tmp_path, lora):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from core.models import add_lora
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=2))  # fmt: skip
+    model.generation_config = GenerationConfig(
+        eos_token_id=[2, 7], do_sample=True, temperature=0.7, top_p=0.8
+    )
+    if lora:
+        model = add_lora(model, r=2, alpha=4, dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    copy = checkpoint._cpu_copy(model, model.state_dict())
+    (copy.get_base_model() if lora else copy).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [2, 7] and saved["temperature"] == 0.7 and saved["top_p"] == 0.8, saved
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
