@@ -121,6 +121,9 @@ class SFTRecipe:
                 self.num_encoded,
                 d.max_len,
             )
+        if evals and not self.eval_set:
+            log.warning("data: no eval example keeps a reply token within data.max_len=%d; eval/loss is not "
+                        "logged", d.max_len)  # fmt: skip
         t = self.cfg.train
         self.batches = GlobalBatches(
             len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed
@@ -216,7 +219,9 @@ class SFTRecipe:
         loss_sum, count = dist.all_reduce_sum([loss_sum, count], self.device)
         self._log_samples()
         self.engine.train()
-        loss = loss_sum / max(count, 1.0)
+        if not count:  # no eval example kept a reply (warned at setup): no loss, rather than a perfect 0
+            return {}
+        loss = loss_sum / count
         return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
     def _log_samples(self) -> None:

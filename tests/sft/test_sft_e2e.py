@@ -157,3 +157,21 @@ def test_packing_trains_and_tensorboard_logs(tmp_path):
     assert rows[0]["data/train_examples"] < 0.55 * 4000
     losses = [v for _, v in metric_series(rows, "train/loss")]
     assert losses[-1] < losses[0]
+
+
+def test_an_eval_set_cut_before_every_reply_logs_no_eval_loss(tmp_path):
+    train, evals, run = tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "r"
+    train.write_text(
+        "\n".join([json.dumps({"prompt": "review the pizza .", "response": "the crust was great ."})] * 40)
+    )
+    long = {
+        "prompt": " ".join(["review the pizza near the station ."] * 12),
+        "response": "the crust was great .",
+    }
+    evals.write_text("\n".join([json.dumps(long)] * 4))
+    proc = run_stage("sft", "data=file", f"data.path={train}", f"data.eval_path={evals}", "data.max_len=48",
+                     "experiment=quick", "train.max_steps=2", "train.eval_every=1", f"hydra.run.dir={run}")  # fmt: skip
+    rows = read_metrics(run)
+    assert rows[0]["data/eval_examples"] == 0 and metric_series(rows, "train/loss")
+    assert not any("eval/loss" in r for r in rows), rows  # was 0.0 (perplexity 1.0): a perfect score
+    assert "no eval example keeps a reply token within data.max_len=48" in proc.stdout + proc.stderr
