@@ -67,6 +67,8 @@ class SFTRecipe:
         o = cfg.optim
         self.engine = ds.train_engine(model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
                                       total_steps=cfg.train.max_steps, min_lr_ratio=o.min_lr_ratio)  # fmt: skip
+        if cfg.data.packing:
+            self._check_packing()
         config = OmegaConf.to_container(cfg, resolve=True)
         self.logger = MetricsLogger.from_group(
             self.run_dir, cfg.logger, config, cfg.train.max_steps, job_type="sft"
@@ -92,6 +94,14 @@ class SFTRecipe:
                 step=0,
             )
 
+    def _check_packing(self) -> None:
+        """data.packing: fail before training if the model cannot keep packed sequences apart, as the PPO
+        and reward stages check (`models.check_packing`): packed rows rely on its use of position ids."""
+        first, second = self.packing_probe[0], self.packing_probe[-1]
+        self.engine.eval()  # no dropout: the forwards must be comparable
+        models.check_packing(self.engine, first, second, self.device)
+        self.engine.train()
+
     def _load_conversations(self) -> tuple[list[Conversation], list[Conversation]]:
         """(train, eval) demonstrations: built-in, IMDB openings, or any file / hub dataset."""
         d = self.cfg.data
@@ -112,6 +122,7 @@ class SFTRecipe:
         self.eval_conversations = evals
         self.num_truncated = self.num_encoded = 0
         train_set = self._encode(train)
+        self.packing_probe = [e.input_ids for e in train_set[:2]]  # two sequences to pack (`_check_packing`)
         self.eval_set = self._encode(evals)
         self.train_set = pack(train_set, d.max_len) if d.packing else train_set
         if self.num_truncated:
