@@ -110,6 +110,7 @@ class RewardRecipe:
                     "data/train_pairs": len(self.train_set),
                     "data/eval_pairs": len(self.eval_set),
                     "data/truncated": self.num_truncated,
+                    "data/identical_after_cut": self.num_identical,
                     **{f"zero/param_share_rank{r}": share for r, share in enumerate(shares)},
                 },
                 step=0,
@@ -135,13 +136,17 @@ class RewardRecipe:
                 train, evals = split_train_eval(
                     train, d.eval_fraction, d.shuffle_seed, group=lambda p: opening(p.prompt)
                 )
-        self.num_truncated = 0
+        self.num_truncated = self.num_identical = 0
         self.train_pairs, self.train_set = self._encode(train)
         self.eval_pairs, self.eval_set = self._encode(evals)
         if self.num_truncated:
             log.warning(
                 "data: %d sequences over data.max_len=%d cut from the left", self.num_truncated, d.max_len
             )
+        if self.num_identical:
+            log.warning("data: %d pairs left out: their replies encode to the same tokens (cut to "
+                        "data.max_len=%d, or words the tokenizer does not know)",
+                        self.num_identical, d.max_len)  # fmt: skip
         t = self.cfg.train
         self.batches = GlobalBatches(
             len(self.train_set), t.micro_batch_size_per_device, t.grad_accum_steps, dist.world_size(), t.seed
@@ -156,14 +161,21 @@ class RewardRecipe:
         ]
 
     def _encode(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[EncodedPair]]:
-        encoded = []
+        """(pairs kept, their encodings): a pair whose replies encode to the same tokens (after the cut to
+        data.max_len) is left out: its loss is log 2 with no gradient, and in evaluation it can only count
+        as wrong."""
+        kept, encoded = [], []
         for p in pairs:
             chosen, rejected = (
                 self._encode_reply(p.prompt, p.chosen),
                 self._encode_reply(p.prompt, p.rejected),
             )
+            if chosen == rejected:
+                self.num_identical += 1
+                continue
+            kept.append(p)
             encoded.append(EncodedPair(chosen, rejected, p.margin if self.cfg.loss.use_margin else 0.0))
-        return list(pairs), encoded
+        return kept, encoded
 
     def _encode_reply(self, prompt: tuple[Message, ...], reply: str) -> list[int]:
         """Prompt + reply + EOS, cut from the left to data.max_len: the scored end (the EOS) and a leading BOS

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 import reward.config  # noqa: F401  (registers reward_schema)
 from data.builtin.tokenizer import build_tokenizer
-from data.formats import Conversation, Message
+from data.formats import Conversation, Message, PreferencePair
 from data.templates import PromptFormatter
 from reward.train import RewardRecipe
 from tests.conftest import ROOT
@@ -33,7 +33,11 @@ def test_a_ranked_prompts_pairs_are_held_out_together(tmp_path):
     (and replies) that evaluation then scores."""
     path = tmp_path / "ranked.jsonl"
     rows = [
-        {"prompt": f"question {i}", "responses": ["good", "fine", "bad"], "ranks": [0, 1, 2]}
+        {
+            "prompt": f"question {i}",
+            "responses": ["the crust was great .", "the crust was okay .", "the crust was awful ."],
+            "ranks": [0, 1, 2],
+        }
         for i in range(20)
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
@@ -46,3 +50,20 @@ def test_a_ranked_prompts_pairs_are_held_out_together(tmp_path):
     train, held = ({p.prompt for p in pairs} for pairs in (r.train_pairs, r.eval_pairs))
     assert len(r.eval_pairs) == 12 and len(held) == 4  # 20 % of 60 pairs: four prompts, whole
     assert not train & held and len(train) == 16
+
+
+def test_a_pair_whose_replies_the_cut_makes_alike_is_left_out():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        r = RewardRecipe(compose("reward", overrides=["data.max_len=10"]), run_dir=Path("unused"))
+    r.formatter, r.num_truncated, r.num_identical = (
+        PromptFormatter(build_tokenizer(), **r.cfg.data.template),
+        0,
+        0,
+    )
+    prompt = (Message("user", "review the pizza ."),)
+    tail = " the service was slow . we will be back"
+    alike = PreferencePair(prompt, "the crust was great ." + tail, "the sauce was awful ." + tail, 0.0, "a")
+    apart = PreferencePair(prompt, "the crust was great .", "the sauce was awful .", 0.0, "b")
+    kept, encoded = r._encode([alike, apart])
+    assert kept == [apart] and r.num_identical == 1 and r.num_truncated >= 2
+    assert encoded[0].chosen != encoded[0].rejected
