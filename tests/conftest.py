@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -116,3 +117,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def metric_series(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if key in r]
+
+
+class StandIn(torch.nn.Module):
+    """An engine stand-in around a model (`.module`), with a forward that may mishandle packed rows."""
+
+    def __init__(self, module, forward):
+        super().__init__()
+        self.module, self._forward = module, forward
+
+    def forward(self, **kwargs):
+        return self._forward(**kwargs)

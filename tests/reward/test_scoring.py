@@ -12,6 +12,7 @@ from transformers import (
 from core.models import ModelError, last_index, packing_error, score_head, token_scores
 from data.collate import pack_pairs, pack_sequences
 from reward.train import EncodedPair, RewardRecipe, collate_pairs
+from tests.conftest import StandIn
 
 
 def tiny_scorer(pad_id: int, attn: str = "sdpa"):
@@ -132,17 +133,6 @@ def test_packing_error_tells_a_model_that_keeps_sequences_apart_from_one_that_do
         return model(**kwargs)
 
     assert packing_error(ignores_positions, first, second, torch.device("cpu")) > 0.05
-
-
-class StandIn(torch.nn.Module):
-    """An engine stand-in around a model, with a forward that mishandles packed rows."""
-
-    def __init__(self, module, forward):
-        super().__init__()
-        self.module, self._forward = module, forward
-
-    def forward(self, **kwargs):
-        return self._forward(**kwargs)
 
 
 def test_reward_setup_refuses_packing_for_models_that_cannot_keep_sequences_apart():

@@ -6,17 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from core.models import ModelError
 from sft.train import SFTRecipe
-
-
-class StandIn(torch.nn.Module):
-    """An engine stand-in around a model, with a forward that may mishandle packed rows."""
-
-    def __init__(self, module, forward):
-        super().__init__()
-        self.module, self._forward = module, forward
-
-    def forward(self, **kwargs):
-        return self._forward(**kwargs)
+from tests.conftest import StandIn
 
 
 def test_packing_is_refused_for_a_model_that_cannot_keep_sequences_apart():
