@@ -270,13 +270,16 @@ class GlobalBatches:
             )
         self.num_examples, self.seed = num_examples, seed
         self.steps_per_epoch = num_examples // self.global_batch
+        self._epoch_order: tuple[int, torch.Tensor] | None = None  # the last epoch's permutation
 
     def batch(self, step: int) -> list[int]:
         """Example indices of the whole global batch at `step` (0-based): every rank's micro-batches."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        if self._epoch_order is None or self._epoch_order[0] != epoch:  # one permutation per epoch, not step
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch_order = epoch, torch.randperm(self.num_examples, generator=generator)
         start = within * self.global_batch
-        return order[start : start + self.global_batch].tolist()
+        return self._epoch_order[1][start : start + self.global_batch].tolist()
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Example indices of rank `rank`'s `accum` micro-batches at `step` (0-based)."""
