@@ -55,7 +55,7 @@ class PtxData:
         return max(tokens, 1) / (micro_steps * self.world)
 
     def loss(self, engine, device: torch.device) -> tuple[torch.Tensor, int]:
-        """The next micro-batch's (this rank's share) LM loss summed over its target tokens, and their count."""
+        """The next micro-batch's (this rank's share) LM loss summed over its target tokens: (scalar, count)."""
         (index,) = self.batches.micro_batches(self.calls, dist.rank())
         self.calls += 1
         b = collate([self.examples[i] for i in index], self.pad_id).to(device)
