@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -173,6 +174,8 @@ def _init_comm() -> None:
     otherwise see 1 and reject the derived batch size.
     """
     dist.init_process_group()
+    if get_accelerator().device_name() == "cuda":
+        parseable_arch_list()
     if get_accelerator().device_name() == "cpu":
         # the CPU comm op is built (or loaded) at every start, locally, in about a minute; on a GPU
         # cluster ops may build for many minutes into a home directory several nodes share, where an
@@ -181,6 +184,28 @@ def _init_comm() -> None:
         clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     _unlink_shm_workspace()
+
+
+def parseable_arch_list() -> None:
+    """Rewrite TORCH_CUDA_ARCH_LIST's arch-specific entries ("9.0a", "10.0f") to their base ("9.0", "10.0").
+
+    CUDA images for Hopper and Blackwell set such entries, and DeepSpeed's JIT op builder (0.19) reads the
+    variable and parses each minor version as an int: the first FusedAdam build (the GPU optimizer) failed
+    with "invalid literal for int() with base 10: '0a'" on an H200 whose image set 9.0a. The ops DeepSpeed
+    builds use no arch-specific instructions, so they are built for the base arch; only this process's
+    environment changes.
+    """
+    raw = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if not re.search(r"\d\.\d+[a-z]", raw):
+        return
+    fixed: list[str] = []
+    for entry in raw.replace(" ", ";").split(";"):
+        entry = re.sub(r"^(\d+\.\d+)[a-z]", r"\1", entry.strip())
+        if entry and entry not in fixed:
+            fixed.append(entry)
+    log.warning("TORCH_CUDA_ARCH_LIST=%s -> %s for DeepSpeed's op builder, which cannot parse arch-specific "
+                "suffixes", raw, ";".join(fixed))  # fmt: skip
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(fixed)
 
 
 def use_environment_op_cache() -> None:

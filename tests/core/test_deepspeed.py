@@ -13,6 +13,7 @@ from core.deepspeed import (
     gathered_for_generation,
     grad_norm,
     model_init,
+    parseable_arch_list,
     train_engine,
     use_environment_op_cache,
 )
@@ -122,6 +123,33 @@ def test_ops_build_inside_the_virtual_environment_unless_told_otherwise(tmp_path
     monkeypatch.setattr("sys.base_prefix", str(tmp_path / "venv"))  # no virtual environment: torch's default
     use_environment_op_cache()
     assert "TORCH_EXTENSIONS_DIR" not in os.environ
+
+
+def test_arch_specific_cuda_archs_are_rewritten_for_deepspeeds_op_builder(monkeypatch):
+    # an H200 image set TORCH_CUDA_ARCH_LIST=9.0a, and DeepSpeed's JIT builder could not parse it: the
+    # GPU optimizer (FusedAdam) failed to build at the first engine
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    def deepspeed_parses(arch_list: str) -> bool:
+        builder = FusedAdamBuilder()
+        builder.jit_mode, builder._jit_arch_list = True, arch_list  # as its jit_load sets them
+        try:
+            builder.compute_capability_args()
+        except ValueError:
+            return False
+        return True
+
+    for raw, fixed in (("9.0a", "9.0"), ("8.0 9.0 9.0a", "8.0;9.0"), ("9.0a;10.0f+PTX", "9.0;10.0+PTX")):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", raw)
+        parseable_arch_list()
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == fixed and deepspeed_parses(fixed)
+    for kept in ("8.0 8.6", "9.0+PTX"):  # what DeepSpeed reads is left as the user wrote it
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", kept)
+        parseable_arch_list()
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == kept
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    parseable_arch_list()
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
 
 
 def test_a_single_rank_runs_unpartitioned_where_zero_has_nothing_to_partition():
