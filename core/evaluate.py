@@ -3,10 +3,11 @@
     rlhf evaluate POLICY_DIR [--baseline DIR] [--reference DIR] [--judge auto|gold|sentiment]
                              [--samples-per-prompt N] [--out FILE]
 
-Both policies sample `samples_per_prompt` responses to every held-out prompt (prompts no stage
-trained on) with the PPO rollout's sampling settings and the same seed; the judge scores each
-response (the built-in task's gold judge, or on IMDB an independent sentiment classifier, whose
-score is P(positive)), and the i-th sample of one policy is compared with the i-th of the other
+Both policies sample `samples_per_prompt` responses to every held-out prompt (on the built-in task
+and held-out files, prompts no stage trained on; on IMDB, the openings of reviews no stage saw, whose
+two words often also open a training review) with the PPO rollout's sampling settings and the same
+seed; the judge scores each response (the built-in task's gold judge, or on IMDB an independent
+sentiment classifier, whose score is P(positive)), and the i-th sample of one policy is compared with the i-th of the other
 (a win, a tie or a loss). The KL is the policy's sequence KL from the reference on its own samples,
 sum_t [log pi(y_t | x, y<t) - log pi_ref(y_t | x, y<t)] (the k1 estimate, in nats), averaged.
 This is the figure InstructGPT reports as a win rate against its SFT baseline (Ouyang et al.
@@ -162,6 +163,8 @@ def compare(
 ) -> dict[str, Any]:  # fmt: skip
     """Policy vs baseline on `prompts` by `judge`: win / tie / loss rates, mean scores (and positive shares
     for a sentiment judge), and the policy's KL from the reference on its own samples."""
+    if not prompts or samples_per_prompt < 1:
+        raise ValueError(f"nothing to compare: {len(prompts)} prompts x {samples_per_prompt} samples")
     policy = load_policy(policy_dir, template, trust_remote_code)
     baseline = load_policy(baseline_dir, template, trust_remote_code)
     n = samples_per_prompt
@@ -256,6 +259,9 @@ def settings_from(stage_cfg: DictConfig, judge: str = "auto") -> dict[str, Any]:
             train, _ = load_prompts(d.path, d.format, on_error=d.on_error, split=d.split)
             held = split_train_eval(train, d.eval_fraction, d.shuffle_seed, group=opening)[1]  # as PPO splits
         prompts = list(held)  # whole conversations (system and earlier turns too), as PPO samples them
+    if not prompts:  # before any model loads (IMDB's eval fraction 0, say)
+        raise ValueError(f"no held-out prompts to evaluate on in {d.path}: give the data an eval part, or "
+                         "eval.enabled=false")  # fmt: skip
     if judge == "gold":
         made = gold_judge()
     else:  # the IMDB judge part: PPO's own IMDB settings, or conf/data/imdb.yaml's under its data root

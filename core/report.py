@@ -128,7 +128,12 @@ def render(blocks: list[tuple[str, Any]], base: Path) -> tuple[str, str]:
             md.append(f"{value}\n")
             body.append(f"<p>{html.escape(value)}</p>")
         elif kind == "table":
-            header, *rows = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in value]
+            # model text in a cell: on one line (any line break, a tokenizer's "\r" too, would end the row), its
+            # HTML escaped (markdown viewers render raw HTML: a sample's "<script>" would run), "|" escaped
+            header, *rows = [
+                [html.escape(" ".join(str(c).splitlines()), quote=False).replace("|", "\\|") for c in r]
+                for r in value
+            ]
             md.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                                 + ["| " + " | ".join(r) + " |" for r in rows]) + "\n")  # fmt: skip
             cells = "".join(f"<th>{html.escape(c)}</th>" for c in value[0])
@@ -320,7 +325,7 @@ class SweepReport(Callback):
 def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both KL (lower) and gold (higher), by KL."""
     out: list[tuple[float, float]] = []
-    for kl, gold in sorted(points):
+    for kl, gold in sorted(points, key=lambda p: (p[0], -p[1])):  # at equal KL the better gold first
         if not out or gold > out[-1][1]:
             out.append((kl, gold))
     return out

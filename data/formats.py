@@ -106,8 +106,8 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict[str, 
 
 def _iter_json(p: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
     # Read with the json module rather than `datasets`, so a bad line is reported by number.
-    opener: Callable[..., Any] = gzip.open if p.name.endswith(".gz") else open
-    with opener(p, "rt", encoding="utf-8") as f:
+    opener: Callable[..., Any] = gzip.open if p.name.lower().endswith(".gz") else open
+    with opener(p, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not text
         text = f.read()
     array = text.lstrip().startswith("[")
     name = p.name.lower()
@@ -355,7 +355,7 @@ def split_train_eval(
         raise DataError(f"need at least 2 records to split off an eval set, got {len(records)}")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(len(records) * fraction)))
+    n_eval = min(max(1, int(round(len(records) * fraction))), len(records) - 1)  # one record each at least
     if group is None:
         return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
     keys = [group(r) for r in records]
@@ -406,6 +406,7 @@ class SkippedRecord(DataError):
 def _make_pair(
     prompt: tuple[Message, ...], chosen: str, rejected: str, row: dict, where: str
 ) -> PreferencePair:
+    _ends_with_user(prompt, where)  # the reward model scores a reply to a user turn
     if not chosen.strip() or not rejected.strip():
         raise SkippedRecord(f"{where}: empty response")
     if chosen.strip() == rejected.strip():

@@ -10,7 +10,8 @@ can leak into the judge that scores the result:
             the only difference the reward model can learn is the continuation's sentiment)
     judge   reviews the independent judge (bag-of-words logistic regression) is fit on
     ppo     review openings for rollouts
-    eval    held-out openings for the final evaluation
+    eval    held-out openings for the final evaluation (of reviews no stage saw; two-word openings
+            repeat, so 336 of its 857 also open an SFT or PPO review)
 
 Records: {"text", "label" (1 positive, 0 negative), "rating"} (`imdb/train.jsonl.gz`, 25 000 reviews).
 With `data=imdb` (conf/data/imdb.yaml, `data.format=imdb`) each stage reads its part through the

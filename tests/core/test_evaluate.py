@@ -1,6 +1,7 @@
 import json
 import math
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -9,6 +10,7 @@ from core.evaluate import (
     Policy,
     Sampling,
     _run_config,
+    compare,
     prompt_text,
     sample_responses,
     sequence_logprobs,
@@ -45,6 +47,14 @@ def test_sequence_logprobs_match_each_sequence_alone():
             logits = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1] / T  # [A, V]
             want.append(float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).sum()))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-4)
+
+
+def test_no_prompts_is_an_error_before_any_model_loads(tmp_path):
+    # IMDB with fractions.eval=0 gave no prompts: three models loaded, then a ZeroDivisionError
+    sampling = Sampling(4, 0, 1.0, 1.0, 0, False)
+    with pytest.raises(ValueError, match="nothing to compare: 0 prompts"):
+        compare(tmp_path / "none", tmp_path / "none", tmp_path / "none", [], None, template={}, sampling=sampling,
+                samples_per_prompt=2, seed=0, max_prompt_len=8, num_report_samples=1)  # fmt: skip
 
 
 def test_sample_responses_are_prompt_major_and_stop_after_eos():

@@ -158,6 +158,21 @@ def test_a_json_file_may_hold_an_array_a_jsonl_file_only_lines(tmp_path):
                 load_conversations(str(tmp_path / "a.jsonl"), None, on_error=on_error)
 
 
+def test_a_byte_order_mark_and_an_upper_case_gz_suffix_are_read(tmp_path):
+    # a BOM (Windows editors) made the first JSON Lines record malformed and an array file unreadable
+    text = json.dumps([ALPACA, ALPACA])
+    (tmp_path / "a.json").write_text(text, encoding="utf-8-sig")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in (ALPACA, ALPACA)), encoding="utf-8-sig"
+    )
+    with gzip.open(tmp_path / "A.JSONL.GZ", "wt", encoding="utf-8") as f:  # was read as plain text
+        f.write(json.dumps(PROMPT) + "\n")
+    assert len(load_conversations(str(tmp_path / "a.json"), "alpaca")[0]) == 2
+    records, report = load_conversations(str(tmp_path / "a.jsonl"), None)
+    assert report.kept == 2 and records[0].messages[-1].content == "5"
+    assert load_conversations(str(tmp_path / "A.JSONL.GZ"), None)[1].kept == 1
+
+
 def test_on_error_skip_counts_every_reason(tmp_path):
     rows = [PROMPT, {"prompt": "x", "response": ""}, {"prompt": "x"}, {"prompt": "x", "response": ""}, PROMPT]
     records, report = load_conversations(write_jsonl(tmp_path / "d.jsonl", rows), "prompt", on_error="skip")
@@ -174,6 +189,11 @@ def test_split_train_eval_is_seeded_and_disjoint():
     assert split_train_eval(list(range(100)), 0.1, seed=3) == (train, evals)
     with pytest.raises(DataError, match="eval_fraction"):
         split_train_eval(list(range(10)), 0.0, seed=0)
+    # a large fraction of few records still leaves one to train on (it held out all 10)
+    train, evals = split_train_eval(list(range(10)), 0.96, seed=0)
+    assert len(train) == 1 and len(evals) == 9
+    train, evals = split_train_eval(list(range(3)), 0.9, seed=0, group=lambda r: r)
+    assert len(train) == 1 and len(evals) == 2
 
 
 def test_a_grouped_split_keeps_each_conversation_on_one_side():

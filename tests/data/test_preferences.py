@@ -116,6 +116,16 @@ def test_empty_replies_are_counted_and_skipped_in_every_layout(tmp_path):
             r"field 'margin' must be a number",
         ),
         ([{"chosen": "no dialogue", "rejected": "here"}], r"share no"),
+        (  # the reward model would score a reply to an assistant turn
+            [
+                {
+                    "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                    "chosen": "x",
+                    "rejected": "y",
+                }
+            ],
+            r"p.jsonl:1: a prompt must end with a user turn",
+        ),  # fmt: skip
         ([{"text": "x"}], r"cannot tell the preference format from fields \['text'\]"),
         (
             [{"prompt": "p", "responses": ["a", "b"], "ranks": [0]}],
