@@ -137,7 +137,8 @@ def save_checkpoint(
     tag = f"step-{step:08d}"
     tmp = root / f".tmp-{tag}"
     if dist.is_main():
-        for leftover in (tmp, *root.glob(".trash-*")):  # what a crash while saving or deleting left
+        # what a crash while saving (any step's) or deleting left; saves are collective, one at a time
+        for leftover in (*root.glob(".tmp-step-*"), *root.glob(".trash-*")):
             shutil.rmtree(leftover, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -433,17 +434,21 @@ def export_model(
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model = _cpu_copy(engine.module, state)
-        if isinstance(model, PeftModel) and model.peft_config["default"].base_model_name_or_path:
-            # a base given as a relative local path would be read from the loader's working directory
-            base = model.peft_config["default"].base_model_name_or_path
-            model.peft_config["default"].base_model_name_or_path = model_reference(base, out_dir)["path"]
-        model.save_pretrained(tmp)
+        peft = model.peft_config["default"] if isinstance(model, PeftModel) else None
+        # the adapter needs its base, and a base built from a config exists nowhere else; nor does one that
+        # was itself a LoRA export merged on loading (`models.merged_adapter_export`): it goes in base/
+        own_base = peft is not None and (
+            not peft.base_model_name_or_path or models.is_adapter_export(peft.base_model_name_or_path)
+        )
+        if own_base:  # where peft's loaders (`AutoPeftModelForCausalLM`) look for it
+            peft.base_model_name_or_path = str(out_dir.resolve() / "base")
+        elif peft is not None:  # a base given as a relative local path would be read from the loader's cwd
+            peft.base_model_name_or_path = model_reference(peft.base_model_name_or_path, out_dir)["path"]
+        # with its own base/ (whose embeddings are the run's, grown or not), the adapter needs no copy of them
+        model.save_pretrained(tmp, **({"save_embedding_layers": False} if own_base else {}))
         tokenizer.save_pretrained(tmp)
-        if isinstance(model, PeftModel):
-            base = model.peft_config["default"].base_model_name_or_path
-            if not base or models.is_adapter_export(base):
-                # the adapter needs its base, and a base built from a config exists nowhere else; nor does
-                # one that was itself a LoRA export merged on loading (`models.merged_adapter_export`)
+        if peft is not None:
+            if own_base:
                 _save_plain(copy.deepcopy(model).unload(), tokenizer, tmp / "base")
             if merge_lora:
                 _save_plain(copy.deepcopy(model).merge_and_unload(), tokenizer, tmp / "merged")

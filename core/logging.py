@@ -192,14 +192,16 @@ class MetricsLogger:
             self.progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
 
     def rewind(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run replays them), so the files read as one run."""
+        """Drop rows logged after `step` (a resumed run replays them), so the files read as one run; at step
+        0 (no checkpoint: the run starts over) every row."""
         if not self.enabled:
             return
         self._metrics.close()
         for name in (METRICS_FILE, SAMPLES_FILE):
             path = self.run_dir / name
             if path.is_file():
-                rows = [r for r in path.read_text(encoding="utf-8").splitlines() if _step(r, path) <= step]
+                keep = step if step > 0 else -1
+                rows = [r for r in path.read_text(encoding="utf-8").splitlines() if _step(r, path) <= keep]
                 tmp = path.with_name(f".{name}.tmp")
                 tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
                 os.replace(tmp, path)

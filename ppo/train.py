@@ -39,6 +39,8 @@ from ppo.ptx import PtxData
 
 log = logging.getLogger(__name__)
 
+MODEL_ROLES = ("actor", "ref", "critic", "reward_model")
+
 
 def newest_export(runs_dir: str, stage: str) -> str:
     """The newest complete export of `python -m <stage>` under runs_dir, or a clear error."""
@@ -111,18 +113,37 @@ class PPORecipe:
                              "data/eval_prompts": len(self.eval_prompts), **shares}, step=0)  # fmt: skip
 
     def _resolve_paths(self) -> None:
-        """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward."""
+        """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward.
+
+        Rank 0 looks the exports up and every rank takes its answer (an export finishing meanwhile would
+        otherwise split the ranks). A resumed run takes the paths its checkpoint recorded: a newer export
+        written since would change its frozen reference and reward model halfway.
+        """
         c = self.cfg
+        recorded = self._recorded_models() if c.train.resume else {}
         with open_dict(c):  # fill in the resolved paths (they are logged with the config)
-            c.actor.name_or_path = c.actor.name_or_path or newest_export(c.runs_dir, "sft")
-            c.reward_model.name_or_path = c.reward_model.name_or_path or newest_export(c.runs_dir, "reward")
+            for role, stage in (("actor", "sft"), ("reward_model", "reward")):
+                if c[role].name_or_path is None:
+                    found = recorded.get(role) or newest_export(c.runs_dir, stage)
+                    c[role].name_or_path = dist.all_gather_object(str(found) if found else None)[0]
             for role, source in ((c.ref, c.actor), (c.critic, c.reward_model)):
                 if role.name_or_path is None:  # the same checkpoint, loaded the same way
                     for key in ("name_or_path", "revision", "trust_remote_code", "attn_implementation"):
                         role[key] = source[key]
+        for role, path in recorded.items():
+            if c[role].name_or_path != path:
+                log.warning("resume: %s.name_or_path is %s; the checkpoint's run used %s", role, c[role].name_or_path,
+                            path)  # fmt: skip
         log.info("models: actor %s | ref %s | critic %s | reward %s", c.actor.name_or_path,
                  c.ref.name_or_path if c.peft.type == "none" else "actor with adapters off",
                  c.critic.name_or_path, c.reward_model.name_or_path)  # fmt: skip
+
+    def _recorded_models(self) -> dict[str, str]:
+        """The model paths the newest checkpoint's run used ({} without one, or from before they were kept)."""
+        found = checkpoint.latest_checkpoint(self.run_dir)
+        if found is None:
+            return {}
+        return json.loads((found / checkpoint.TRAINER_STATE).read_text()).get("models", {})
 
     def _setup_tokenizers(self) -> None:
         c = self.cfg
@@ -658,7 +679,8 @@ class PPORecipe:
 
     def save(self) -> None:
         state = {"stage": "ppo", "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                 "ptx_calls": self.ptx.calls if self.ptx is not None else 0}  # fmt: skip
+                 "ptx_calls": self.ptx.calls if self.ptx is not None else 0,
+                 "models": {role: str(self.cfg[role].name_or_path) for role in MODEL_ROLES}}  # fmt: skip
         tensors = {f"ema.{i}": e for i, e in enumerate(self.ema)} if self.ema is not None else None
         checkpoint.save_checkpoint(self.engines(), self.run_dir, self.step, state, self.cfg.train.keep_checkpoints,
                                    rank_tensors=tensors)  # fmt: skip
@@ -666,6 +688,7 @@ class PPORecipe:
     def _resume(self) -> None:
         state = checkpoint.resume_state(self.engines(), self.run_dir)
         if not state:
+            self.logger.rewind(0)  # the run starts over: no row of the one before stays
             return
         self.step = state["step"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])

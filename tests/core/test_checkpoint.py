@@ -300,3 +300,43 @@ def test_an_exported_copy_keeps_the_generation_config_loaded_with_the_model(tmp_
     saved = json.loads((tmp_path / "generation_config.json").read_text())
     assert saved["eos_token_id"] == [2, 7] and saved["temperature"] == 0.7 and saved["top_p"] == 0.8, saved
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+
+
+def test_a_save_clears_what_a_crash_left_while_saving_another_step(tmp_path):
+    # a save killed at step 40 left its whole temporary copy; a resume saving other steps never cleared it
+    engines, root = {"actor": StubEngine()}, tmp_path / "checkpoints"
+    (root / ".tmp-step-00000040" / "actor").mkdir(parents=True)
+    (root / ".tmp-step-00000040" / "actor" / "shard.pt").write_text("x")
+    save_checkpoint(engines, tmp_path, 25, {}, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000025"]
+
+
+def test_a_lora_export_names_its_own_base_for_peft_to_load(tmp_path):
+    # the adapter named no base (a model built from a config) or a LoRA export without config.json (PPO on a
+    # LoRA SFT run): peft's loaders could not load the export by its path, though its base/ was beside it
+    from types import SimpleNamespace
+
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.models import add_lora, load_tokenizer
+
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    model = add_lora(model, r=2, alpha=4, dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    with torch.no_grad():  # a trained adapter (peft starts B at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
+    export = tmp_path / "run" / "export"
+    checkpoint.export_model(engine, tok, export, merge_lora=False, info={"stage": "sft"})
+    adapter = json.loads((export / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(export.resolve() / "base")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(export)).eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5)

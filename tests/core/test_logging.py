@@ -73,3 +73,12 @@ def test_rewind_drops_later_rows_and_a_row_cut_short(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert (tmp_path / "samples.jsonl").read_text() == '{"step": 1, "prompt": "p"}\n'
+    # no checkpoint to resume from: the run starts over, and its step-0 rows are not there twice
+    logger = MetricsLogger(tmp_path, backend="none", config={}, project="test", entity=None, group=None, name=None,
+                           mode="auto", job_type="ppo", tags=[], total_steps=3)  # fmt: skip
+    logger.log({"data/n": 1}, step=0)
+    logger.rewind(0)
+    logger.log({"data/n": 1}, step=0)
+    logger.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0] and (tmp_path / "samples.jsonl").read_text() == ""

@@ -1,6 +1,7 @@
 """The PPO recipe's pure parts: how evaluation shares out prompts, and the settings it refuses."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,36 @@ def test_a_reference_or_critic_without_a_path_loads_its_sources_checkpoint_the_s
                "ref.name_or_path=org/other")  # fmt: skip
     r._resolve_paths()
     assert (r.cfg.ref.name_or_path, r.cfg.ref.revision) == ("org/other", None)
+
+
+def test_a_resumed_run_keeps_the_models_its_checkpoint_recorded(tmp_path, caplog):
+    # null paths took the newest exports at every start: an SFT or reward run finished since would have
+    # changed the resumed run's frozen reference and reward model halfway
+    from core.checkpoint import TRAINER_STATE
+
+    for stage, run in (("sft", "a"), ("reward", "a"), ("sft", "b"), ("reward", "b")):  # b: newer
+        (tmp_path / "runs" / stage / run / "export").mkdir(parents=True)
+        (tmp_path / "runs" / stage / run / "export" / "export_info.json").write_text("{}")
+        time.sleep(0.01)
+    old = {role: str(tmp_path / "runs" / stage / "a" / "export")
+           for role, stage in (("actor", "sft"), ("ref", "sft"), ("critic", "reward"), ("reward_model", "reward"))}  # fmt: skip
+    saved = tmp_path / "run" / "checkpoints" / "step-00000002"
+    saved.mkdir(parents=True)
+    (saved / TRAINER_STATE).write_text(json.dumps({"step": 2, "models": old}))
+
+    def resolved(*overrides):
+        r = recipe(f"runs_dir={tmp_path / 'runs'}", *overrides)
+        r.run_dir = tmp_path / "run"
+        r._resolve_paths()
+        return {role: r.cfg[role].name_or_path for role in old}
+
+    assert resolved("train.resume=true") == old
+    newest = {role: path.replace("/a/", "/b/") for role, path in old.items()}
+    assert resolved("train.resume=false") == newest  # a fresh run takes the newest
+    with caplog.at_level("WARNING"):  # a path given anew is the user's choice, with a warning
+        assert resolved("train.resume=true", f"reward_model.name_or_path={newest['reward_model']}") == {
+            **old, "critic": newest["critic"], "reward_model": newest["reward_model"]}  # fmt: skip
+    assert "resume: reward_model.name_or_path is" in caplog.text
 
 
 def test_a_critic_or_reference_with_another_vocabulary_than_the_actor_is_refused(tmp_path):
