@@ -115,8 +115,8 @@ class PPORecipe:
     def _resolve_paths(self) -> None:
         """Null model paths: the newest SFT / reward exports (actor, reward), then ref = actor, critic = reward.
 
-        Rank 0 looks the exports up and every rank takes its answer (an export finishing meanwhile would
-        otherwise split the ranks). A resumed run takes the paths its checkpoint recorded: a newer export
+        Every rank takes rank 0's answer (an export finishing while the ranks look would otherwise split
+        them). A resumed run takes the paths its checkpoint recorded: a newer export
         written since would change its frozen reference and reward model halfway.
         """
         c = self.cfg
