@@ -9,9 +9,9 @@ two words often also open a training review) with the PPO rollout's sampling set
 seed; the judge scores each response (the built-in task's gold judge, or on IMDB an independent
 sentiment classifier, whose score is P(positive)), and the i-th sample of one policy is compared with
 the i-th of the other (a win, a tie or a loss). The KL is the policy's sequence KL from the reference
-on its own samples, sum_t [log pi(y_t | x, y<t) - log pi_ref(y_t | x, y<t)] (the k1 estimate, in nats), averaged.
-This is the figure InstructGPT reports as a win rate against its SFT baseline (Ouyang et al.
-2022, fig. 1), with a judge that is not the reward model.
+on its own samples, sum_t [log pi(y_t | x, y<t) - log pi_ref(y_t | x, y<t)] (the k1 estimate, in
+nats), averaged. This is the figure InstructGPT reports as a win rate against its SFT baseline
+(Ouyang et al. 2022, fig. 1), with a judge that is not the reward model.
 """
 
 from __future__ import annotations
