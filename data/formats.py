@@ -3,7 +3,7 @@
 Sources: JSON (a list, or one object per line), JSONL (optionally .gz), parquet, or a
 `datasets` hub name. Formats, auto-detected from the first record's keys when not given:
 
-    alpaca    {"instruction", "input"?, "output"}
+    alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[query, response], ...]}
     messages  {"messages": [{"role": system|user|assistant, "content"}, ...]}
     sharegpt  {"conversations": [{"from": system|human|gpt, "value"}, ...]}
     prompt    {"prompt", "response"}
@@ -216,6 +216,13 @@ def _alpaca(row: dict[str, Any], where: str) -> tuple[Message, ...]:
         raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages = [Message("user", prompt), Message("assistant", require_str(row, "output", where))]
+    history = row.get("history") or []  # LLaMA-Factory's earlier turns, oldest first
+    if not isinstance(history, list) or not all(
+        isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
+    ):
+        raise DataError(f"{where}: field 'history' must be a list of [query, response] string pairs")
+    messages[:0] = [Message(role, text) for query, reply in history
+                    for role, text in (("user", query), ("assistant", reply))]  # fmt: skip
     if isinstance(row.get("system"), str) and row["system"].strip():
         messages.insert(0, Message("system", row["system"]))
     return tuple(messages)

@@ -81,6 +81,23 @@ def test_alpaca_without_input_and_with_system(tmp_path):
     )
 
 
+def test_alpaca_history_gives_the_earlier_turns(tmp_path):
+    # LLaMA-Factory's alpaca records carry earlier turns in `history`; they were dropped
+    from data.formats import load_prompts
+
+    row = {"instruction": "And 3?", "output": "9", "system": "Be brief.", "history": [["Square 2", "4"]]}
+    (conv,), _ = load_conversations(write_jsonl(tmp_path / "d.jsonl", [row]), "alpaca")
+    assert [(m.role, m.content) for m in conv.messages] == [
+        ("system", "Be brief."), ("user", "Square 2"), ("assistant", "4"), ("user", "And 3?"), ("assistant", "9")
+    ]  # fmt: skip
+    (prompt,), _ = load_prompts(str(tmp_path / "d.jsonl"), "sft:alpaca")
+    assert prompt == conv.messages[:-1]
+    with pytest.raises(DataError, match="d.jsonl:1: field 'history' must be a list of"):
+        load_conversations(
+            write_jsonl(tmp_path / "d.jsonl", [{**row, "history": ["Square 2", "4"]}]), "alpaca"
+        )
+
+
 @pytest.mark.parametrize(
     "rows, fmt, pattern",
     [
