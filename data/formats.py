@@ -6,7 +6,11 @@ Sources: JSON (a list, or one object per line), JSONL (optionally .gz), parquet,
     alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[query, response], ...]}
     messages  {"messages": [{"role": system|user|assistant, "content"}, ...]}
     sharegpt  {"conversations": [{"from": system|human|gpt, "value"}, ...]}
-    prompt    {"prompt", "response"}
+    prompt    {"prompt", "response"}, or TRL's prompt-completion {"prompt", "completion"}; either
+              part a string or a message list
+
+A record with `"label": false` (unpaired preference data, as for KTO) is an undesirable reply, so it
+is a bad record for SFT, not a demonstration.
 
 Every problem a user can cause (missing file, bad JSON line, missing field, wrong type, empty
 response) raises one `DataError` naming the file, line and field. With `on_error="skip"` such
@@ -94,7 +98,8 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict[str, 
     elif name.endswith(".parquet"):
         if not p.is_file():
             raise DataError(f"{path}: no such file")
-        yield from _iter_datasets("parquet", split, data_files=str(p))
+        # a local file is one split, which `datasets` names "train"; data.split names a hub dataset's
+        yield from _iter_datasets("parquet", "train", data_files=str(p))
     elif p.exists():
         raise DataError(f"{path}: unsupported file type (expected .json, .jsonl, .jsonl.gz or .parquet)")
     elif "/" in path and not path.startswith((".", "/")) and path.count("/") == 1:
@@ -240,10 +245,19 @@ def _sharegpt(row: dict[str, Any], where: str) -> tuple[Message, ...]:
 
 
 def _prompt_response(row: dict[str, Any], where: str) -> tuple[Message, ...]:
-    return (
-        Message("user", require_str(row, "prompt", where)),
-        Message("assistant", require_str(row, "response", where)),
-    )
+    """{"prompt", "response"} or TRL's {"prompt", "completion"}: the prompt a string or messages
+    ending with a user turn, the reply a string or an assistant message (list)."""
+    key = "completion" if "completion" in row and "response" not in row else "response"
+    if isinstance(row.get("prompt"), list):
+        prompt = parse_messages(require_list(row, "prompt", where), where, "prompt", "role", "content")
+    else:
+        prompt = (Message("user", require_str(row, "prompt", where)),)
+    if key not in row or row[key] is None:
+        raise DataError(f"{where}: missing field '{key}'")
+    reply = _reply_text(row, key, where)
+    if not reply.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return (*_ends_with_user(prompt, where), Message("assistant", reply))
 
 
 SFT_FORMATS: dict[str, Callable[[dict[str, Any], str], tuple[Message, ...]]] = {
@@ -259,6 +273,7 @@ _SIGNATURES = [
     ("sharegpt", {"conversations"}),
     ("alpaca", {"instruction", "output"}),
     ("prompt", {"prompt", "response"}),
+    ("prompt", {"prompt", "completion"}),  # TRL's prompt-completion
 ]
 
 
@@ -326,7 +341,15 @@ def load_conversations(
     """SFT demonstrations -> (list[Conversation], LoadReport)."""
 
     def parse(name: str) -> Callable[[dict[str, Any], str], list[Conversation]]:
-        return lambda row, where: [Conversation(SFT_FORMATS[name](row, where), where)]
+        def one(row: dict[str, Any], where: str) -> list[Conversation]:
+            if isinstance(row, dict) and row.get("label") is False:
+                raise DataError(
+                    f"{where}: label=false marks an undesirable reply (unpaired preference data, as for "
+                    "KTO), not a demonstration; drop such records or set data.on_error=skip"
+                )
+            return [Conversation(SFT_FORMATS[name](row, where), where)]
+
+        return one
 
     parsers = {name: parse(name) for name in SFT_FORMATS}
     detect = lambda row, where: detect_format(row, where, parsers)  # noqa: E731

@@ -319,3 +319,43 @@ def test_a_prompt_that_does_not_end_with_a_user_turn_is_one_bad_record(tmp_path)
         prompts == [(Message("system", "be brief"), Message("user", "hi"))]
         and sum(report.skipped.values()) == 1
     )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "Hi", "completion": "Hello"},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}],
+        },
+    ],
+    ids=["strings", "conversational"],
+)
+def test_trl_prompt_completion_records_are_demonstrations(tmp_path, row):
+    records, _ = load_conversations(write_jsonl(tmp_path / "d.jsonl", [row]), None)
+    assert [m.role for m in records[0].messages][-2:] == ["user", "assistant"]
+    assert records[0].messages[-1].content == "Hello"
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'completion' is empty"):
+        load_conversations(write_jsonl(tmp_path / "d.jsonl", [{**row, "completion": " "}]), None)
+
+
+def test_a_reply_labelled_undesirable_is_not_a_demonstration(tmp_path):
+    """KTO's unpaired data ({"prompt", "completion", "label"}): a false label marks a bad reply."""
+    rows = [
+        {"prompt": "Say hi", "completion": "hi", "label": True},
+        {"prompt": "Say hi", "completion": "go away", "label": False},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl:2: label=false marks an undesirable reply"):
+        load_conversations(path, None)
+    records, report = load_conversations(path, None, on_error="skip")
+    assert [r.messages[-1].content for r in records] == ["hi"] and sum(report.skipped.values()) == 1
+
+
+def test_data_split_names_a_hub_split_and_a_local_file_is_read_whole(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame([PROMPT] * 3).to_parquet(tmp_path / "a.parquet")
+    assert len(load_conversations(str(tmp_path / "a.parquet"), None, split="test")[0]) == 3
+    assert len(load_conversations(write_jsonl(tmp_path / "a.jsonl", [PROMPT]), None, split="test")[0]) == 1
