@@ -443,7 +443,10 @@ def export_model(
         if own_base:  # where peft's loaders (`AutoPeftModelForCausalLM`) look for it
             peft.base_model_name_or_path = str(out_dir.resolve() / "base")
         elif peft is not None:  # a base given as a relative local path would be read from the loader's cwd
-            peft.base_model_name_or_path = model_reference(peft.base_model_name_or_path, out_dir)["path"]
+            base = model_reference(peft.base_model_name_or_path, out_dir)
+            peft.base_model_name_or_path = base["path"]
+            # and relative to the export, so a tree moved or copied whole merges into its own copy of the base
+            info = {**info, "adapter_base": base}
         # with its own base/ (whose embeddings are the run's, grown or not), the adapter needs no copy of them
         model.save_pretrained(tmp, **({"save_embedding_layers": False} if own_base else {}))
         tokenizer.save_pretrained(tmp)

@@ -35,6 +35,19 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(sys.executable, [sys.executable, "-m", command, *rest])
 
 
+def refuse_secret_overrides(argv: list[str]) -> None:
+    """Stop before Hydra saves the command line (`.hydra/overrides.yaml`, wandb's run record) when it
+    sets a secret-looking key; secrets come from the environment (WANDB_API_KEY, HF_TOKEN)."""
+    from core.logging import secret_override
+
+    if key := secret_override(argv):
+        sys.stderr.write(
+            f"{key}: no secret goes on the command line, which the run saves in its directory; give it "
+            f"through the environment\n"
+        )
+        raise SystemExit(2)
+
+
 @contextlib.contextmanager
 def reported(command: str) -> Iterator[None]:
     """A command's body, where a setting the user can fix (a ConfigError, ModelError or DataError: a

@@ -160,11 +160,15 @@ def prepare_hydra_argv() -> None:
     """Make `sys.argv` and the process ready for a Hydra entry point on any launcher.
 
     - strips the launcher's `--local_rank` argument;
+    - refuses a secret on the command line, which Hydra would save;
     - joins the process group and agrees on one run stamp (`${run_now:...}`);
     - on ranks other than 0, tells Hydra not to write `.hydra/` configs or a log file, so only
       rank 0 writes into the shared run directory.
     """
+    from core.cli import refuse_secret_overrides
+
     sys.argv = strip_launcher_args(sys.argv)
+    refuse_secret_overrides(sys.argv[1:])  # before anything is written or any rank waits for another
     init_process_group()
     stamp = shared_run_stamp()
     OmegaConf.register_new_resolver("run_now", lambda pattern: stamp.strftime(pattern), replace=True)

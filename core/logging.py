@@ -66,6 +66,21 @@ def find_secret(node: Any, prefix: str = "") -> str | None:
     return None
 
 
+def secret_override(argv: list[str]) -> str | None:
+    """The key of the first command-line override that sets a secret-looking key (`a.api_key=...`), or
+    None. Checked before Hydra starts: it saves the command line in the run's `.hydra/` directory."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        nested: Any = value
+        for part in reversed(key.lstrip("+~").split(".")):
+            nested = {part: nested}
+        if found := find_secret(nested):
+            return found
+    return None
+
+
 def redact_secrets(value: Any) -> Any:
     """A copy of a (nested) config with the string values of secret-looking keys replaced, and the
     credentials of any URL in a string."""

@@ -160,7 +160,12 @@ def load_model(
         if "model_type" not in arch:
             raise ModelError("model.arch needs a `model_type` (e.g. llama) when model.name_or_path is null")
         arch = dict(arch)
-        config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
+        if "vocab_size" in arch:
+            raise ModelError("model.arch.vocab_size is set from the tokenizer's length; leave it out")
+        try:
+            config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
+        except (ValueError, TypeError) as e:
+            raise ModelError(f"model.arch: {e}") from None
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         config.bos_token_id = tokenizer.bos_token_id
         config.num_labels = kwargs.pop("num_labels", config.num_labels)
@@ -192,12 +197,14 @@ def load_model(
                 model = auto_class.from_pretrained(
                     name_or_path, revision=revision, use_safetensors=True, **kwargs
                 )
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: an unknown model type, or custom code refused
             pickled = Path(name_or_path, "pytorch_model.bin").is_file() or "safetensors" in str(e)
             hint = (
                 " (only safetensors weights are loaded; a checkpoint with just a pickled pytorch_model.bin: load "
                 "it in transformers where you trust it and save_pretrained() it, which writes safetensors)"
                 if pickled
+                else " (custom model code runs only with model.trust_remote_code=true, for repos you trust)"
+                if "trust_remote_code" in str(e) and not trust_remote_code
                 else ""
             )
             raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}{hint}: {e}") from None
@@ -220,7 +227,8 @@ def is_adapter_export(path: str) -> bool:
 def merged_adapter_export(path: str, trust_remote_code: bool) -> Path | tuple[Any, dict[str, torch.Tensor]]:
     """A LoRA export (`core.checkpoint.export_model`) as a full model: its `merged/` copy when the run
     wrote one (`peft.merge_on_export`), else (config, state dict) of its adapters merged by peft into
-    their base (the export's `base/` when the base was built from a config, else the adapter's
+    their base (the export's `base/` when the base was built from a config, else the base its
+    `export_info.json` records, found beside it in a tree moved or copied whole, else the adapter's
     `base_model_name_or_path`). The merge runs on a plain CPU copy on every rank (ZeRO-3 or not), and the
     next stage starts from the policy LoRA trained."""
     from core import deepspeed as ds  # core.deepspeed imports this module
@@ -232,12 +240,20 @@ def merged_adapter_export(path: str, trust_remote_code: bool) -> Path | tuple[An
         raise ModelError(
             f"{path}: a peft adapter without adapter_model.safetensors (only safetensors are loaded)"
         )
+    from core.checkpoint import EXPORT_INFO, resolve_reference  # core.checkpoint imports this module
+
     adapter = json.loads((root / ADAPTER_CONFIG).read_text())
-    base = (
-        root / "base" if (root / "base" / "config.json").is_file() else adapter.get("base_model_name_or_path")
-    )
+    info = json.loads((root / EXPORT_INFO).read_text()) if (root / EXPORT_INFO).is_file() else {}
+    if (root / "base" / "config.json").is_file():
+        base: Path | str | None = root / "base"
+    elif "adapter_base" in info:  # this project's export: the base beside it when the tree moved whole
+        base = resolve_reference(info["adapter_base"], root)
+    else:
+        base = adapter.get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{path}: a LoRA adapter that names no base model and has no base/ beside it")
+    # the revision the LoRA run loaded its hub base at (`add_lora`), not the hub's newest
+    revision = {"revision": adapter["revision"]} if adapter.get("revision") and isinstance(base, str) else {}
     score = adapter.get("task_type") == "SEQ_CLS"
     head = AutoModelForSequenceClassification if score else AutoModelForCausalLM
     # a reward model's base may be an LM (an SFT export): its config would give the new head 2 labels, and
@@ -247,15 +263,15 @@ def merged_adapter_export(path: str, trust_remote_code: bool) -> Path | tuple[An
         try:
             with _no_safetensors_conversion():
                 model = head.from_pretrained(
-                    str(base), use_safetensors=True, trust_remote_code=trust_remote_code, **labels
+                    str(base), use_safetensors=True, trust_remote_code=trust_remote_code, **labels, **revision
                 )
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise ModelError(f"{path}: cannot load the LoRA adapter's base {str(base)!r}: {e}") from None
         # the run grew the base's embeddings for its tokenizer (`load_model`: a pad token GPT-2 lacked), and
         # peft saved the grown matrices in the adapter: grow the base alike before loading them
         try:  # an export has its tokenizer beside the adapter; an adapter from elsewhere may not
             rows = len(AutoTokenizer.from_pretrained(str(root), trust_remote_code=trust_remote_code))
-        except OSError:
+        except (OSError, ValueError):  # transformers 5 raises ValueError for a directory without one
             rows = 0
         if model.get_input_embeddings().weight.shape[0] < rows:
             model.resize_token_embeddings(rows)
@@ -553,15 +569,27 @@ def _ds_rows(model: PreTrainedModel) -> int:
 
 
 def add_lora(
-    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: Any, task_type: str
+    model: PreTrainedModel,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: Any,
+    task_type: str,
+    revision: str | None = None,
 ) -> PeftModel:
-    """Wrap `model` with LoRA adapters; only the adapters (and `modules_to_save`) train."""
+    """Wrap `model` with LoRA adapters; only the adapters (and `modules_to_save`) train. `revision`: the
+    hub revision the base was loaded at, saved in the adapter's config for whoever merges it later."""
     if r <= 0:
         raise ModelError(f"peft.r must be positive for LoRA, got {r}")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type=task_type,
+        revision=revision,
     )
     try:
         model = get_peft_model(model, config)
@@ -583,7 +611,13 @@ def build_model(model_cfg, peft_cfg, tokenizer, precision: str, *, head: str) ->
     if peft_cfg.type == "lora":
         task_type = {"lm": "CAUSAL_LM", "score": "SEQ_CLS"}[head]
         model = add_lora(
-            model, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.target_modules, task_type
+            model,
+            peft_cfg.r,
+            peft_cfg.alpha,
+            peft_cfg.dropout,
+            peft_cfg.target_modules,
+            task_type,
+            revision=model_cfg.revision,
         )
     elif peft_cfg.type != "none":
         raise ModelError(f"peft.type must be none or lora, got {peft_cfg.type!r}")

@@ -189,6 +189,11 @@ def compose_stage(
     groups, values = [], []
     for key, value in _flatten(overrides):
         if "." not in key and key in packages and (value is None or isinstance(value, str)):
+            if key in handoff:  # the group's model would silently give way to the upstream export
+                raise ConfigError(
+                    f"{stage}.{key}={value}: the pipeline starts {stage}'s {key} from {handoff[key]}; give "
+                    f"{stage}.{key}.name_or_path=... to start from another model, or run {stage} alone"
+                )
             groups.append(f"{packages[key]}={'null' if value is None else value}")
         else:
             values.append((key, value))
@@ -581,6 +586,10 @@ class Pipeline:
             raise ConfigError(
                 f"pipeline.stages must be a non-empty list of {', '.join(STAGES)}; got {self.stages}"
             )
+        if self.stages != sorted(set(self.stages), key=STAGES.index):  # each hands its export to the next
+            raise ConfigError(
+                f"pipeline.stages must keep the order {list(STAGES)}, once each; got {self.stages}"
+            )
         frm = cfg.pipeline.from_stage
         if frm is not None and frm not in self.stages:
             raise ConfigError(f"pipeline.from_stage={frm!r} is not one of pipeline.stages {self.stages}")
@@ -685,8 +694,9 @@ def cli(argv: list[str]) -> None:
     _O.register_new_resolver("run_now", lambda pattern: time.strftime(pattern), replace=True)
     # this command's id (pipeline.from_stage); the jobs a sweep launcher starts inherit it
     os.environ[INVOCATION_ENV] = uuid.uuid4().hex
-    from core.cli import reported
+    from core.cli import refuse_secret_overrides, reported
 
+    refuse_secret_overrides(argv)  # before Hydra saves the command line in the run's directory
     with reported("pipeline"):
         sys.argv = [sys.argv[0], *stage_overrides_argv(argv)]
     main()

@@ -340,3 +340,39 @@ def test_a_lora_export_names_its_own_base_for_peft_to_load(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5)
+
+
+def test_a_lora_export_in_a_copied_tree_merges_into_the_copys_own_base(tmp_path):
+    # a pipeline run copied whole (its stages then skip as up to date): the reward model's adapters named
+    # the original tree's SFT export by absolute path, so the copy merged into weights it did not train on
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.models import add_lora, load_tokenizer, merged_adapter_export
+
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(run / "sft" / "export")
+    tok.save_pretrained(run / "sft" / "export")
+    base = LlamaForCausalLM.from_pretrained(run / "sft" / "export")
+    model = add_lora(base, r=2, alpha=4, dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0)
+    checkpoint.export_model(
+        engine, tok, run / "reward" / "export", merge_lora=False, info={"stage": "reward"}
+    )
+    shutil.copytree(run, tmp_path / "copy")
+    torch.manual_seed(1)  # the original's SFT stage runs again: other weights
+    LlamaForCausalLM(config).save_pretrained(run / "sft" / "export")
+    name = "model.layers.0.mlp.up_proj.weight"
+    own = LlamaForCausalLM.from_pretrained(tmp_path / "copy" / "sft" / "export").state_dict()[name]
+    _, state = merged_adapter_export(str(tmp_path / "copy" / "reward" / "export"), trust_remote_code=False)
+    assert torch.equal(state[name], own)  # B = 0: the merge leaves the base's weights as they are
+    shutil.rmtree(run)  # and with the original gone
+    _, state = merged_adapter_export(str(tmp_path / "copy" / "reward" / "export"), trust_remote_code=False)
+    assert torch.equal(state[name], own)

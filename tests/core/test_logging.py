@@ -1,6 +1,6 @@
 import json
 
-from core.logging import MetricsLogger, find_secret, redact_secrets, wandb_mode
+from core.logging import MetricsLogger, find_secret, redact_secrets, secret_override, wandb_mode
 
 
 def test_wandb_falls_back_to_offline_without_credentials(monkeypatch, tmp_path):
@@ -82,3 +82,13 @@ def test_rewind_drops_later_rows_and_a_row_cut_short(tmp_path):
     logger.close()
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0] and (tmp_path / "samples.jsonl").read_text() == ""
+
+
+def test_a_secret_override_on_the_command_line_is_found_by_its_key():
+    assert (
+        secret_override(["sft.deepspeed.extra.comet.api_key=s3cr3t", "x=1"])
+        == "sft.deepspeed.extra.comet.api_key"
+    )
+    assert secret_override(["+logger.hub_token=t"]) == "logger.hub_token"
+    assert secret_override(["--local_rank=0", "hydra.run.dir=d", "rollout.max_new_tokens=8",
+                            "sft.deepspeed.extra.comet.experiment_key=e1", "-m", "model.tokenizer=gpt2"]) is None  # fmt: skip

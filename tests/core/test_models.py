@@ -312,3 +312,46 @@ def test_a_lora_export_of_a_base_whose_vocabulary_grew_loads(tmp_path):
         want = lora(input_ids=ids).logits
         got = load_model(str(export), {}, tok, "fp32")(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_loading_mistakes_are_model_errors_naming_the_setting(tmp_path):
+    import json
+
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    with pytest.raises(ModelError, match="model.arch.vocab_size is set from the tokenizer"):
+        load_model(None, {"model_type": "llama", "vocab_size": 99}, tok, "fp32")
+    with pytest.raises(ModelError, match="model.arch: .*lama"):
+        load_model(None, {"model_type": "lama"}, tok, "fp32")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
+    with pytest.raises(ModelError, match="model.name_or_path: cannot load"):
+        load_model(str(unknown), {}, tok, "fp32")
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({
+        "model_type": "mycustom", "auto_map": {"AutoConfig": "c.MyConfig", "AutoModelForCausalLM": "m.MyModel"}
+    }))  # fmt: skip
+    with pytest.raises(ModelError, match="model.trust_remote_code=true"):
+        load_model(str(custom), {}, tok, "fp32")
+
+
+def test_a_lora_adapter_from_elsewhere_merges_without_a_tokenizer_at_its_base_revision(tmp_path, monkeypatch):
+    from core import models as core_models
+    from core.models import merged_adapter_export
+
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    torch.manual_seed(0)
+    base = tmp_path / "base_model"  # a base loadable by path, not an export's own base/
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(base)  # fmt: skip
+    lora = add_lora(LlamaForCausalLM.from_pretrained(base), r=2, alpha=4, dropout=0.0, target_modules="all-linear",
+                    task_type="CAUSAL_LM", revision="v1.0")  # fmt: skip
+    lora.save_pretrained(tmp_path / "adapter")  # no tokenizer beside it (transformers 5: ValueError)
+    asked = []
+    load = core_models.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(core_models.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: asked.append(kw.get("revision")) or load(*a, **kw))  # fmt: skip
+    config, state = merged_adapter_export(str(tmp_path / "adapter"), trust_remote_code=False)
+    assert asked == ["v1.0"]  # the base at the revision the LoRA run loaded, not the hub's newest
+    assert config.vocab_size == len(tok) and state

@@ -112,6 +112,35 @@ def test_a_secret_in_a_stage_config_is_refused_before_anything_is_written():
         pipeline.compose_stage("sft", {"deepspeed": {"extra": {"comet": {"experiment_key": "e1"}}}}, {}, "/d")
 
 
+@pytest.mark.parametrize("module", ["core.pipeline", "sft"])
+def test_a_secret_on_the_command_line_is_refused_before_hydra_saves_it(tmp_path, module):
+    key = ("sft." if module == "core.pipeline" else "") + "deepspeed.extra.comet.api_key"
+    proc = run_stage(module, f"{key}=s3cr3t-value", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and f"{key}: no secret goes on the command line" in proc.stderr
+    assert not (tmp_path / "run").exists()  # Hydra wrote nothing: no .hydra/overrides.yaml holding it
+
+
+def test_stages_keep_the_recipe_order_and_a_handed_off_model_is_not_replaced_by_a_group_choice():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra.compose("pipeline", overrides=["pipeline.stages=[reward,sft]"])
+        with pytest.raises(
+            ConfigError, match=r"pipeline.stages must keep the order \['sft', 'reward', 'ppo'\]"
+        ):
+            pipeline.Pipeline(cfg, Path("unused"), None)
+        # the group's model would give way to the SFT export without a word
+        with pytest.raises(
+            ConfigError, match=r"reward.model=gpt2: the pipeline starts reward's model from /x"
+        ):
+            pipeline.compose_stage("reward", {"model": "gpt2"}, {"model": "/x/sft/export"}, "/d")
+        assert pipeline.compose_stage("reward", {"model": "gpt2"}, {}, "/d").model.name_or_path.endswith(
+            "gpt2"
+        )
+        cfg = pipeline.compose_stage(
+            "reward", {"model": {"name_or_path": "/y"}}, {"model": "/x/sft/export"}, "/d"
+        )
+        assert cfg.model.name_or_path == "/y"  # a path given by the user replaces the hand-off
+
+
 def test_stage_key_ignores_logging_resume_memory_and_handoff_location():
     here, there = {"model": "/a/sft/export"}, {"model": "/elsewhere/sft/export"}
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
