@@ -161,6 +161,8 @@ class TrainConfig:
     resume: bool = MISSING
     # CPU only: glibc keeps freed tensor memory for the next step (core.dist.keep_freed_cpu_memory).
     keep_freed_memory: bool = MISSING
+    # fp32 on the CPU: the trained models' linear products (forward and backward) through oneDNN.
+    onednn_products: bool = MISSING
 
 
 def plain(node: Any) -> Any:

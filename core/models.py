@@ -503,10 +503,72 @@ def has_onednn_linear() -> bool:
         return False
 
 
+class _OneDNNProducts(torch.autograd.Function):
+    """y = x W^T + b with its two gradients, each one of oneDNN's fp32 CPU products.
+
+    x: [..., in], W: [out, in], b: [out] or None -> y: [..., out]. torch's own CPU linear multiplies
+    with its BLAS (MKL on x86), which on AMD cores runs its AVX2 kernels; oneDNN runs AVX-512 where the
+    core has it. On the 2-core AMD EPYC (Zen 5) of 2026-11-26 oneDNN took 0.44-0.47 of MKL's time on
+    each of the three products of the bench models' layers, the transposed copies the gradients need
+    included (README, "Where the time goes").
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # [N, in]
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, weight = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # [N, out] @ [out, in]: oneDNN's "weight" is W^T, [in, out]
+            grad_x = torch.ops.mkldnn._linear_pointwise(g, weight.t().contiguous(), None, "none", [], "")
+            grad_x = grad_x.reshape(*grad_y.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:  # [out, N] @ [N, in]
+            grad_w = torch.ops.mkldnn._linear_pointwise(
+                g.t().contiguous(), rows.t().contiguous(), None, "none", [], ""
+            )
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """`nn.Linear` whose fp32 CPU products (forward and backward) are oneDNN's (`use_onednn_products`);
+    anything else (another device or dtype, autocast, a ZeRO-3 weight not gathered) is nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.dtype == w.dtype == torch.float32
+            and x.device.type == w.device.type == "cpu"
+            and w.shape == (self.out_features, self.in_features)
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return _OneDNNProducts.apply(x, w, self.bias)
+        return super().forward(x)
+
+
+def use_onednn_products(model: torch.nn.Module) -> int:
+    """Make the model's plain `nn.Linear` layers `OneDNNLinear`s (in place: the same parameters, state
+    dict and hooks) where this torch has oneDNN's linear; returns how many."""
+    if not has_onednn_linear():
+        return 0
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    for layer in layers:
+        layer.__class__ = OneDNNLinear
+    return len(layers)
+
+
 def _packable(m: torch.nn.Module) -> bool:
     """A plain fp32 CPU linear layer holding its whole weight, its own forward not replaced (e.g. by accelerate)."""
     return (
-        type(m) is torch.nn.Linear
+        type(m) in (torch.nn.Linear, OneDNNLinear)
         and (m.weight.device.type, m.weight.dtype) == ("cpu", torch.float32)
         and m.weight.shape == (m.out_features, m.in_features)  # ZeRO-3 leaves partitioned weights empty
         and "forward" not in vars(m)
@@ -598,8 +660,11 @@ def add_lora(
     return model
 
 
-def build_model(model_cfg, peft_cfg, tokenizer, precision: str, *, head: str) -> PreTrainedModel:
-    """The trainable model of a stage from its `model` and `peft` groups: load, LoRA, checkpointing.
+def build_model(
+    model_cfg, peft_cfg, tokenizer, precision: str, *, head: str, onednn_products: bool = False
+) -> PreTrainedModel:
+    """The trainable model of a stage from its `model` and `peft` groups: load, LoRA, checkpointing;
+    with `onednn_products` (`train.onednn_products`), its linear layers' fp32 CPU products are oneDNN's.
 
     Call inside `core.deepspeed.zero3_init(...)`.
     """
@@ -623,6 +688,8 @@ def build_model(model_cfg, peft_cfg, tokenizer, precision: str, *, head: str) ->
         raise ModelError(f"peft.type must be none or lora, got {peft_cfg.type!r}")
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if onednn_products and (n := use_onednn_products(model)):
+        log.info("train.onednn_products: %d linear layers multiply with oneDNN on the CPU", n)
     return model
 
 

@@ -234,13 +234,22 @@ class PPORecipe:
                                    total_steps=n_updates, min_lr_ratio=optim.min_lr_ratio)  # fmt: skip
 
         with ds.model_init(actor_cfg):
-            actor = models.build_model(c.actor, c.peft, self.tokenizer, t.precision, head="lm")
+            actor = models.build_model(
+                c.actor, c.peft, self.tokenizer, t.precision, head="lm", onednn_products=t.onednn_products
+            )
         models.disable_dropout(actor)
         self.actor = engine(actor, actor_cfg, c.actor_optim)
         self.actor_zero3 = c.actor_ds.stage == 3
         no_peft = OmegaConf.create({"type": "none"})
         with ds.model_init(critic_cfg):
-            critic = models.build_model(c.critic, no_peft, self.tokenizer, t.precision, head="score")
+            critic = models.build_model(
+                c.critic,
+                no_peft,
+                self.tokenizer,
+                t.precision,
+                head="score",
+                onednn_products=t.onednn_products,
+            )
         models.disable_dropout(critic)
         self.critic = engine(critic, critic_cfg, c.critic_optim)
         self.critic_head = models.score_head(self.critic.module)

@@ -88,7 +88,14 @@ class RewardRecipe:
         self._setup_data()
         self.ds_config = ds.config_from_groups(cfg.deepspeed, cfg.train, cfg.optim)
         self.zero3 = ds.zero3_init(self.ds_config)  # kept alive: transformers holds a weak reference
-        model = models.build_model(cfg.model, cfg.peft, self.tokenizer, cfg.train.precision, head="score")
+        model = models.build_model(
+            cfg.model,
+            cfg.peft,
+            self.tokenizer,
+            cfg.train.precision,
+            head="score",
+            onednn_products=cfg.train.onednn_products,
+        )
         o = cfg.optim
         self.engine = ds.train_engine(model, self.ds_config, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
                                       total_steps=cfg.train.max_steps, min_lr_ratio=o.min_lr_ratio)  # fmt: skip

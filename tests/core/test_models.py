@@ -355,3 +355,46 @@ def test_a_lora_adapter_from_elsewhere_merges_without_a_tokenizer_at_its_base_re
     config, state = merged_adapter_export(str(tmp_path / "adapter"), trust_remote_code=False)
     assert asked == ["v1.0"]  # the base at the revision the LoRA run loaded, not the hub's newest
     assert config.vocab_size == len(tok) and state
+
+
+def test_onednn_products_give_nn_linears_outputs_and_gradients():
+    from core.models import OneDNNLinear, has_onednn_linear, use_onednn_products
+
+    if not has_onednn_linear():
+        pytest.skip("this torch has no oneDNN linear")
+    tok = load_tokenizer("builtin", None, trust_remote_code=False)
+    arch = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4}  # fmt: skip
+    torch.manual_seed(0)
+    plain_model = load_model(None, arch, tok, "fp32")
+    model = copy.deepcopy(plain_model)
+    n = use_onednn_products(model)
+    assert (
+        n == 2 * 7 + 1 and sum(type(m) is OneDNNLinear for m in model.modules()) == n
+    )  # 7 per layer, lm_head
+    assert model.state_dict().keys() == plain_model.state_dict().keys()
+    ids = torch.randint(3, len(tok), (3, 11))
+    for m in (plain_model, model):
+        m.zero_grad()
+        m(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain_model(input_ids=ids).logits)
+    for (name, a), b in zip(model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # a bias, a 1-d input, and an input that needs no gradient (a frozen embedding's output)
+    layer = torch.nn.Linear(8, 5)
+    fast = copy.deepcopy(layer)
+    fast.__class__ = OneDNNLinear
+    for x in (torch.randn(8), torch.randn(2, 3, 8)):
+        torch.testing.assert_close(fast(x), layer(x))
+    x = torch.randn(4, 8, requires_grad=True)
+    fast(x).square().sum().backward()
+    layer(x.detach().requires_grad_()).square().sum().backward()
+    torch.testing.assert_close(fast.bias.grad, layer.bias.grad)
+    torch.testing.assert_close(fast.weight.grad, layer.weight.grad)
+    # bf16 (or any other dtype) runs nn.Linear's own product
+    assert fast.to(torch.bfloat16)(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # generation's prepacking still takes these layers, and gives them back
+    with prepacked_linears(model, 3) as packed:
+        assert packed == n
+    assert all("forward" not in vars(m) for m in model.modules())
