@@ -508,9 +508,9 @@ class _OneDNNProducts(torch.autograd.Function):
 
     x: [..., in], W: [out, in], b: [out] or None -> y: [..., out]. torch's own CPU linear multiplies
     with its BLAS (MKL on x86), which on AMD cores runs its AVX2 kernels; oneDNN runs AVX-512 where the
-    core has it. On the 2-core AMD EPYC (Zen 5) of 2026-11-26 oneDNN took 0.44-0.47 of MKL's time on
-    each of the three products of the bench models' layers, the transposed copies the gradients need
-    included (README, "Where the time goes").
+    core has it. On the 2-core AMD EPYC (Zen 5) of 2026-11-26, on the bench models' layers, oneDNN took
+    0.43-0.49 of MKL's time for the output, about 0.45 for the input's gradient and 0.63-0.76 for the
+    weight's, the transposed copies the gradients need included (README, "Configuration groups").
     """
 
     @staticmethod
