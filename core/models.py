@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from core import dist  # noqa: E402
 from core.config import PRECISIONS, plain  # noqa: E402
 from data.collate import pack_pairs
 
@@ -664,7 +665,7 @@ def build_model(
     model_cfg, peft_cfg, tokenizer, precision: str, *, head: str, onednn_products: bool = False
 ) -> PreTrainedModel:
     """The trainable model of a stage from its `model` and `peft` groups: load, LoRA, checkpointing;
-    with `onednn_products` (`train.onednn_products`), its linear layers' fp32 CPU products are oneDNN's.
+    with `onednn_products` (`train.onednn_products`) on a CPU run, its linear layers' fp32 products are oneDNN's.
 
     Call inside `core.deepspeed.zero3_init(...)`.
     """
@@ -688,7 +689,8 @@ def build_model(
         raise ModelError(f"peft.type must be none or lora, got {peft_cfg.type!r}")
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if onednn_products and (n := use_onednn_products(model)):
+    # a GPU run keeps plain nn.Linear layers (OneDNNLinear would only check and fall back on every call)
+    if onednn_products and dist.device().type == "cpu" and (n := use_onednn_products(model)):
         log.info("train.onednn_products: %d linear layers multiply with oneDNN on the CPU", n)
     return model
 
